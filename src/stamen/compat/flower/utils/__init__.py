@@ -1,0 +1,1 @@
+"""Stand-in for ``flower.utils``; the helpers configuration files use live in ``template``."""

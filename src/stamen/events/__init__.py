@@ -1,0 +1,1 @@
+"""Event ingest: turning Celery's event stream into task and worker records."""

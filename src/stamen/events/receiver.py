@@ -1,0 +1,116 @@
+"""The broker end of ingest: one thread consuming Celery events through kombu.
+
+It works for every broker kombu supports (Celery's own ``EventReceiver``), hands each event
+to the :class:`~stamen.events.ingest.Ingester`, and flushes a batch every
+``commit_interval`` or every ``max_batch`` events. When the broker is unreachable it
+retries with capped exponential backoff and logs a change of state once, not every retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+
+from stamen.events.ingest import Ingester
+from stamen.health import Health
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+
+
+class EventReceiverThread(threading.Thread):
+    """Consumes events until :meth:`stop`; a stop flushes what was received (nothing lost)."""
+
+    def __init__(
+        self,
+        app: Celery,
+        ingester: Ingester,
+        health: Health,
+        *,
+        commit_interval: float = 0.5,
+        max_batch: int = 5000,
+        queue_ttl: float | None = None,
+        queue_max_length: int | None = None,
+    ) -> None:
+        super().__init__(name="stamen-events", daemon=True)
+        self.app = app
+        self.ingester = ingester
+        self.health = health
+        self.commit_interval = commit_interval
+        self.max_batch = max_batch
+        self.queue_ttl = queue_ttl
+        self.queue_max_length = queue_max_length
+        self._stop_event = threading.Event()
+        self._receiver: Any = None
+        self._last_flush = time.monotonic()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming, then commit everything already received."""
+        self._stop_event.set()
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.should_stop = True
+        if self.is_alive():
+            self.join(timeout)
+        self._flush()
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self._stop_event.is_set():
+            try:
+                self._consume()
+                backoff = 1.0
+            except Exception as exc:
+                self._flush_safely()
+                if self._stop_event.is_set():
+                    break
+                self.health.broker_down(f"{type(exc).__name__}: {exc}", retry_in=backoff)
+                self._stop_event.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        self._flush_safely()
+
+    def _consume(self) -> None:
+        with self.app.connection_for_read() as conn:
+            conn.connect()
+            receiver = self.app.events.Receiver(
+                conn, handlers={"*": self._on_event}, queue_ttl=self.queue_ttl
+            )
+            if self.queue_max_length is not None:
+                receiver.queue.max_length = self.queue_max_length
+            receiver.connect_max_retries = 0
+            receiver.on_iteration = self._on_iteration
+            receiver.should_stop = self._stop_event.is_set()
+            self._receiver = receiver
+            try:
+                # wakeup=True asks every worker for a heartbeat so they show up at once.
+                for _ in receiver.consume(safety_interval=0.2, wakeup=True):
+                    pass
+            finally:
+                self._receiver = None
+
+    def _on_iteration(self) -> None:
+        self.health.broker_up()
+        if time.monotonic() - self._last_flush >= self.commit_interval:
+            self._flush()
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        ingester = self.ingester
+        ingester.add(event)
+        if len(ingester.pending) >= self.max_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        self.ingester.flush()
+
+    def _flush_safely(self) -> None:
+        try:
+            self._flush()
+        except Exception:
+            log.exception("Failed to store received events")

@@ -1,0 +1,100 @@
+"""Builds and owns the long-lived parts of a running Stamen, in start order.
+
+The store comes first (ingest and web both need it), then the ingest threads, then the
+cluster helpers the web uses. ``stop`` runs in reverse and is idempotent; stopping the
+receiver commits every event already received, so a clean stop loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from stamen.cluster.inspector import Inspector
+from stamen.cluster.queues import QueueLengths
+from stamen.events.enabler import EventsEnabler
+from stamen.events.ingest import Ingester
+from stamen.events.receiver import EventReceiverThread
+from stamen.health import Health
+from stamen.store.reader import StoreReader
+from stamen.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+_SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+
+
+def sqlite_path(db: str) -> Path:
+    """Where ``--db`` keeps the history: the path itself when it names a SQLite file,
+    else ``<db>.sqlite3``, so Flower's default ``flower`` never collides with a Flower
+    shelve file of the same name."""
+    path = Path(db).expanduser()
+    if path.suffix in _SQLITE_SUFFIXES:
+        return path
+    return path.with_name(path.name + ".sqlite3")
+
+
+class Services:
+    """Everything a running instance owns; the web app reaches it as ``app.state.services``."""
+
+    def __init__(self, settings: Any, app: Celery, *, ingest: bool = True) -> None:
+        self.settings = settings
+        self.app = app
+        self.health = Health()
+        self._tmpdir: str | None = None
+        if settings.persistent:
+            self.db_path = sqlite_path(settings.db)
+        else:
+            self._tmpdir = tempfile.mkdtemp(prefix="stamen-")
+            self.db_path = Path(self._tmpdir) / "history.sqlite3"
+        self.writer = StoreWriter(
+            self.db_path,
+            max_tasks=settings.max_tasks,
+            max_task_age=settings.max_task_age,
+            max_workers=settings.max_workers,
+        )
+        self.reader = StoreReader(self.db_path)
+        self.ingester = Ingester(self.writer, max_workers=settings.max_workers)
+        self.receiver = EventReceiverThread(
+            app,
+            self.ingester,
+            self.health,
+            commit_interval=settings.commit_interval,
+            queue_ttl=settings.event_queue_ttl,
+            queue_max_length=settings.event_queue_max_length,
+        )
+        self.enabler = EventsEnabler(app) if settings.enable_events else None
+        self.inspector = Inspector(app, settings.inspect_timeout / 1000.0)
+        self.queues = QueueLengths(app, settings.broker_api)
+        self._ingest = ingest
+        self._started = False
+        self._stopped = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self._ingest:
+            self.receiver.start()
+            if self.enabler is not None:
+                self.enabler.start()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.enabler is not None:
+            self.enabler.stop()
+        if self._started and self._ingest:
+            self.receiver.stop()
+        else:
+            self.ingester.flush()
+        self.writer.close()
+        log.info("Stopped; %d events stored", self.ingester.events_ingested)
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)

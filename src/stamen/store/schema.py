@@ -1,0 +1,100 @@
+"""The SQLite schema of the history store, versioned so an upgrade can migrate a database.
+
+Tasks keep Celery's field names as columns. ``seq`` is the change sequence number of the
+last write that touched the row (DESIGN rule 2). ``tasks_fts`` is an external-content FTS5
+trigram index over the text fields that plain search terms and ``name:``/``worker:``/
+``args:``/``kwargs:``/``result:`` qualifiers look into; triggers keep it in step with
+``tasks`` and re-index a row only when one of those fields really changed.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+#: Columns of the ``tasks`` table after ``id``, in Celery's field order.
+TASK_COLUMNS: tuple[str, ...] = (
+    "uuid", "name", "state", "received", "sent", "started", "rejected",
+    "succeeded", "failed", "retried", "revoked", "args", "kwargs",
+    "eta", "expires", "retries", "worker", "result", "exception",
+    "timestamp", "runtime", "traceback", "exchange", "routing_key",
+    "clock", "client", "root_id", "parent_id",
+)  # fmt: skip
+
+#: Text columns indexed for substring search, in the order of ``tasks_fts``.
+FTS_COLUMNS: tuple[str, ...] = ("uuid", "name", "worker", "args", "kwargs", "result")
+
+_fts_old = ", ".join(f"old.{c}" for c in FTS_COLUMNS)
+_fts_new = ", ".join(f"new.{c}" for c in FTS_COLUMNS)
+_fts_cols = ", ".join(FTS_COLUMNS)
+_fts_changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in FTS_COLUMNS)
+
+DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS tasks (
+        id INTEGER PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        {", ".join(c for c in TASK_COLUMNS[1:])},
+        seq INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (timestamp, uuid)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_seq ON tasks (seq)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_name ON tasks (name COLLATE NOCASE, timestamp)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state COLLATE NOCASE, timestamp)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_worker ON tasks (worker COLLATE NOCASE, timestamp)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_received ON tasks (received, uuid)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_started ON tasks (started, uuid)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (parent_id)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_root ON tasks (root_id)",
+    f"""
+    CREATE VIRTUAL TABLE IF NOT EXISTS tasks_fts USING fts5(
+        {_fts_cols}, content='tasks', content_rowid='id', tokenize='trigram'
+    )
+    """,
+    f"""
+    CREATE TRIGGER IF NOT EXISTS tasks_fts_insert AFTER INSERT ON tasks BEGIN
+        INSERT INTO tasks_fts(rowid, {_fts_cols}) VALUES (new.id, {_fts_new});
+    END
+    """,
+    f"""
+    CREATE TRIGGER IF NOT EXISTS tasks_fts_delete AFTER DELETE ON tasks BEGIN
+        INSERT INTO tasks_fts(tasks_fts, rowid, {_fts_cols}) VALUES ('delete', old.id, {_fts_old});
+    END
+    """,
+    f"""
+    CREATE TRIGGER IF NOT EXISTS tasks_fts_update AFTER UPDATE ON tasks
+    WHEN {_fts_changed} BEGIN
+        INSERT INTO tasks_fts(tasks_fts, rowid, {_fts_cols}) VALUES ('delete', old.id, {_fts_old});
+        INSERT INTO tasks_fts(rowid, {_fts_cols}) VALUES (new.id, {_fts_new});
+    END
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS task_types (
+        name TEXT PRIMARY KEY
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS workers (
+        hostname TEXT PRIMARY KEY,
+        pid, freq, heartbeats, clock, active, processed, loadavg,
+        sw_ident, sw_ver, sw_sys,
+        timestamp,
+        seq INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS worker_counters (
+        hostname TEXT NOT NULL,
+        type TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        PRIMARY KEY (hostname, type)
+    )
+    """,
+)

@@ -1,0 +1,219 @@
+"""The store's only writer: one connection, owned by the ingest thread.
+
+Ingest hands it whole batches (every task and worker a burst of events touched, already
+merged), so a burst of events costs one transaction (DESIGN rule 4). Each batch gets the
+next change sequence number (rule 2), and the history is trimmed to ``max_tasks`` and
+``max_task_age`` here (rule 6), so nobody else ever deletes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from stamen.model import WORKER_FIELDS
+from stamen.store.schema import TASK_COLUMNS
+from stamen.store.sqlite import connect, migrate
+
+_TASK_INSERT = (
+    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}, seq) "
+    f"VALUES ({', '.join('?' * (len(TASK_COLUMNS) + 1))}) "
+    "ON CONFLICT(uuid) DO UPDATE SET "
+    + ", ".join(f"{c}=excluded.{c}" for c in (*TASK_COLUMNS[1:], "seq"))
+)
+_WORKER_COLUMNS = (*WORKER_FIELDS, "timestamp")
+_WORKER_INSERT = (
+    f"INSERT OR REPLACE INTO workers ({', '.join(_WORKER_COLUMNS)}, seq) "
+    f"VALUES ({', '.join('?' * (len(_WORKER_COLUMNS) + 1))})"
+)
+_COUNTER_INSERT = (
+    "INSERT INTO worker_counters (hostname, type, count, first_seen) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(hostname, type) DO UPDATE SET count = count + excluded.count"
+)
+_SCALARS = (str, int, float, type(None))
+
+
+def _column_value(value: Any) -> Any:
+    """SQLite keeps scalars as they are; anything else an event carries is kept as JSON."""
+    if isinstance(value, _SCALARS):
+        return value
+    return orjson.dumps(value, default=repr).decode()
+
+
+@dataclass
+class Batch:
+    """What one flush of ingest changed."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_tasks: int = 0
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    task_types: set[str] = field(default_factory=set)
+    custom_states: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.workers or self.counters or self.task_types)
+
+
+@dataclass
+class Trimmed:
+    """Tasks a write removed to honour the limits, so ingest can forget them too."""
+
+    uuids: list[str] = field(default_factory=list)
+
+
+class StoreWriter:
+    """Writes batches and trims history. Not thread-safe: one ingest thread owns it."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_tasks: int,
+        max_task_age: float | None = None,
+        max_workers: int = 5000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conn = connect(path)
+        migrate(self.conn)
+        self.max_tasks = max_tasks
+        self.max_task_age = max_task_age
+        self.max_workers = max_workers
+        self._clock = clock
+        self.seq = self._meta("seq", 0)
+        self.task_count = self.conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
+        self._set_meta(task_count=self.task_count)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _meta(self, key: str, default: Any) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def _set_meta(self, **values: Any) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items()
+        )
+
+    # Reads the ingest side needs to resume where it stopped.
+
+    def load_tasks(self, uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Stored records for those of ``uuids`` that exist (chunked to SQLite's limits)."""
+        found: dict[str, dict[str, Any]] = {}
+        ids = list(uuids)
+        cols = ", ".join(TASK_COLUMNS)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT {cols} FROM tasks WHERE uuid IN ({marks})", chunk
+            ):
+                found[row[0]] = dict(zip(TASK_COLUMNS, row, strict=True))
+        return found
+
+    def load_workers(self) -> dict[str, dict[str, Any]]:
+        cols = ", ".join(_WORKER_COLUMNS)
+        workers = {}
+        for row in self.conn.execute(f"SELECT {cols} FROM workers"):
+            record = dict(zip(_WORKER_COLUMNS, row, strict=True))
+            for key in ("heartbeats", "loadavg"):
+                if isinstance(record[key], str):
+                    record[key] = orjson.loads(record[key])
+            record["heartbeats"] = record["heartbeats"] or []
+            workers[record["hostname"]] = record
+        return workers
+
+    def load_custom_states(self) -> set[str]:
+        value = self._meta("custom_states", None)
+        return set(orjson.loads(value)) if value else set()
+
+    def load_task_types(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT name FROM task_types")}
+
+    # The write path.
+
+    def write(self, batch: Batch) -> Trimmed:
+        """Commit one batch as one transaction under the next sequence number."""
+        trimmed = Trimmed()
+        if not batch:
+            return trimmed
+        self.seq += 1
+        seq = self.seq
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            if batch.tasks:
+                conn.executemany(
+                    _TASK_INSERT,
+                    [
+                        (*[_column_value(t.get(c)) for c in TASK_COLUMNS], seq)
+                        for t in batch.tasks.values()
+                    ],
+                )
+                self.task_count += batch.new_tasks
+            if batch.workers:
+                conn.executemany(
+                    _WORKER_INSERT,
+                    [
+                        (*[_column_value(w.get(c)) for c in _WORKER_COLUMNS], seq)
+                        for w in batch.workers.values()
+                    ],
+                )
+            if batch.counters:
+                now = int(self._clock())
+                conn.executemany(
+                    _COUNTER_INSERT,
+                    [(host, kind, n, now) for (host, kind), n in batch.counters.items()],
+                )
+            if batch.task_types:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO task_types (name) VALUES (?)",
+                    [(name,) for name in batch.task_types],
+                )
+            trimmed.uuids = self._trim()
+            if batch.custom_states:
+                self._set_meta(custom_states=orjson.dumps(sorted(batch.custom_states)).decode())
+            self._set_meta(seq=seq, task_count=self.task_count, written_at=self._clock())
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self.seq -= 1
+            raise
+        return trimmed
+
+    def _trim(self) -> list[str]:
+        """Drop the least recently updated tasks beyond the count and age limits."""
+        removed: list[str] = []
+        if self.max_task_age is not None:
+            cutoff = self._clock() - self.max_task_age
+            removed += [
+                r[0]
+                for r in self.conn.execute(
+                    "DELETE FROM tasks WHERE timestamp < ? RETURNING uuid", (cutoff,)
+                )
+            ]
+            self.task_count -= len(removed)
+        excess = self.task_count - self.max_tasks
+        if excess > 0:
+            rows = self.conn.execute(
+                "DELETE FROM tasks WHERE id IN ("
+                " SELECT id FROM tasks ORDER BY timestamp, uuid LIMIT ?"
+                ") RETURNING uuid",
+                (excess,),
+            ).fetchall()
+            removed += [r[0] for r in rows]
+            self.task_count -= len(rows)
+        return removed
+
+    def trim_workers(self, keep: Mapping[str, Any]) -> None:
+        """Forget stored workers that ingest no longer keeps (``max_workers``)."""
+        stored = [r[0] for r in self.conn.execute("SELECT hostname FROM workers")]
+        gone = [(h,) for h in stored if h not in keep]
+        if gone:
+            self.conn.executemany("DELETE FROM workers WHERE hostname = ?", gone)

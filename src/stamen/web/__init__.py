@@ -1,0 +1,1 @@
+"""The HTTP side: Flower's API and pages, served by FastAPI on uvicorn."""

@@ -1,0 +1,82 @@
+"""The ASGI application: one route table for Flower's API and pages plus our own.
+
+``create_app`` builds everything from its arguments (no globals), so tests can run two
+apps in one process. The lifespan starts the services and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+import stamen
+from stamen.services import Services
+from stamen.web import api
+from stamen.web.errors import ApiError, api_error_handler, plain
+
+log = logging.getLogger(__name__)
+
+
+def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
+    """The app serving ``services``; with ``manage_services`` its lifespan starts/stops them."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_services:
+            services.start()
+        first_inspection = asyncio.create_task(_inspect_quietly(services))
+        try:
+            yield
+        finally:
+            first_inspection.cancel()
+            if manage_services:
+                await asyncio.to_thread(services.stop)
+
+    app = FastAPI(
+        title="Stamen",
+        version=stamen.__version__,
+        description="Monitor and administer Celery clusters (Flower-compatible API).",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        redirect_slashes=False,
+    )
+    app.state.services = services
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.include_router(api.router)
+
+    @app.get("/healthcheck", include_in_schema=True, summary="Is Stamen healthy?")
+    async def healthcheck(request: Request) -> Response:
+        return api.healthcheck_response(services)
+
+    @app.middleware("http")
+    async def common_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    return app
+
+
+async def _inspect_quietly(services: Services) -> None:
+    """Flower inspects every worker once at start; a failure only means an empty cache."""
+    try:
+        await services.inspector.inspect()
+    except Exception as exc:
+        log.warning("First worker inspection failed: %s", exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return plain(404, "Error, page not found")
+    return plain(exc.status_code, str(exc.detail or ""))
