@@ -245,10 +245,15 @@ def load_celery_app(name: str | None) -> Any:
 
     if not name:
         return get_current_app()
-    module = name.partition(":")[0]
+    module, _, attribute = name.partition(":")
     try:
         return find_app(name)
     except ModuleNotFoundError as exc:
+        if attribute and exc.name == name:  # find_app's retry of "module:attr" as a module
+            raise ConfigError(
+                f"unable to load Celery app {name!r}: module {module!r} has no attribute "
+                f"{attribute!r}"
+            ) from None
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
             raise ConfigError(f"unable to load Celery app {name!r}: {exc}") from None
         traceback.print_exc()

@@ -7,6 +7,7 @@ lifespan stops the services, and the receiver commits what it holds before we ex
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -19,6 +20,18 @@ from stamen.services import Services
 from stamen.web.app import create_app
 
 log = logging.getLogger("stamen")
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn, but a SIGTERM ends with exit status 0 after a clean stop, as in Flower
+    (uvicorn re-raises the signal once it has shut down, which kills with status -15)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGTERM and not self.should_exit:
+            log.info("%d detected, shutting down", sig)
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            self._captured_signals.remove(sig)
 
 
 def setup_logging(settings: Any) -> None:
@@ -90,7 +103,7 @@ def serve(settings: Any, app: Celery, *, quiet: bool = False) -> int:
         access_log=bool(settings.debug),
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     if not quiet:
         _announce_when_bound(server, settings, app)
     server.run()

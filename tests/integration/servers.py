@@ -24,8 +24,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 __all__ = [
     "RedisServer",
@@ -79,12 +81,12 @@ def make_tls_files(directory: Path) -> TlsFiles:
     ext = directory / "server.ext"
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca = ["-x509", "-days", "2", "-subj", "/CN=stamen-test-ca"]
+    sign = ["-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-days", "2", "-extfile", ext]
     commands = [
-        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "2"]
-        + ["-subj", "/CN=stamen-test-ca"],
+        [openssl, "req", *ca, *ec, "-keyout", ca_key, "-out", ca_cert],
         [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
-        [openssl, "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key]
-        + ["-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext],
+        [openssl, "x509", "-req", "-in", csr, *sign, "-out", cert],
     ]
     for command in commands:
         subprocess.run([str(c) for c in command], check=True, capture_output=True, timeout=30)
@@ -118,14 +120,12 @@ class RedisServer:
             raise ValueError("server was started without a unix socket")
         return f"redis+socket://{self.unix_socket}"
 
-    def client(self, **kwargs: object) -> object:
+    def client(self, **kwargs: Any) -> redis.Redis:
         """A redis-py client for this server's TCP port (TLS verified against the test CA)."""
-        import redis
-
-        options: dict[str, object] = {"host": "127.0.0.1", "port": self.port}
+        options: dict[str, Any] = {"host": "127.0.0.1", "port": self.port}
         if self.tls:
             options |= {"ssl": True, "ssl_ca_certs": str(self.tls.ca_cert)}
-        return redis.Redis(**(options | kwargs))  # type: ignore[arg-type]
+        return redis.Redis(**(options | kwargs))
 
     def log(self) -> str:
         try:
@@ -142,6 +142,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(STOP_TIMEOUT_S)
+        if self.unix_socket is not None and self.unix_socket.parent != self.directory:
+            shutil.rmtree(self.unix_socket.parent, ignore_errors=True)  # see _socket_dir
 
     def __enter__(self) -> RedisServer:
         return self
@@ -151,16 +153,9 @@ class RedisServer:
 
 
 def _ping(server: RedisServer) -> bool:
-    import redis
-
-    options: dict[str, object] = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
     try:
-        if server.port:
-            client = server.client(**options)
-        else:
-            client = redis.Redis(unix_socket_path=str(server.unix_socket), socket_timeout=0.5)
-        with client:  # type: ignore[attr-defined]
-            return bool(client.ping())  # type: ignore[attr-defined]
+        with server.client(socket_connect_timeout=0.5, socket_timeout=0.5) as client:
+            return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
 
@@ -275,8 +270,6 @@ def start_sentinel(
 
 
 def _wait_master_known(server: RedisServer, master_name: str) -> None:
-    import redis
-
     deadline = time.monotonic() + READY_TIMEOUT_S
     with redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=0.5) as client:
         while time.monotonic() < deadline:

@@ -30,7 +30,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
@@ -304,6 +304,12 @@ def management_ssl_context(ssl_options: Any) -> ssl.SSLContext:
 # --------------------------------------------------------------------------------------------
 
 
+class _Backend(Protocol):
+    def lengths(self, names: Sequence[str]) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
 class _RedisQueues:
     """LLEN sums over kombu's priority lists, through one long-lived redis-py client."""
 
@@ -334,7 +340,9 @@ class _RedisQueues:
 
             sentinel_kwargs = {"retry": Retry(NoBackoff(), 0), **target.sentinel_kwargs}
             # redis-py asks each sentinel in turn until one knows the master (Flower: first only).
-            self._sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(target.sentinels), sentinel_kwargs=sentinel_kwargs
+            )
             assert target.master_name is not None
             return self._sentinel.master_for(target.master_name, retry=retry, **target.kwargs)
         return redis.Redis(retry=retry, **target.kwargs)
@@ -460,9 +468,9 @@ class _DeclareQueues:
     messages and of consumers. A queue that does not exist (404, or 405 for another
     connection's exclusive queue) is **omitted** from the result, the same as the management
     API path, where only existing queues are listed; the broker closes the channel on that
-    error, so a new channel is opened for the next queue. Connection errors drop the
-    connection and the call is retried once on a new one; a second failure propagates
-    (kombu ``OperationalError`` and friends, which the web layer maps to 503).
+    error, so a new channel is opened for the next queue. A connection error on the kept
+    connection drops it and the call is retried once on a new one; any other failure
+    propagates (kombu ``OperationalError`` and friends, which the web layer maps to 503).
     """
 
     def __init__(self, make_connection: Callable[[], Any]) -> None:
@@ -511,10 +519,13 @@ class _DeclareQueues:
         if not names:
             return []
         with self._lock:
+            # Only a connection kept from an earlier call earns a retry (the broker may have
+            # closed it while idle); a fresh one that fails would just fail again.
+            reused = self._conn is not None and self._conn.connected
             try:
                 return self._declare_all(names)
             except Exception as exc:
-                if not self._is_connection_error(exc):
+                if not (reused and self._is_connection_error(exc)):
                     self._reset()
                     raise
                 logger.info("AMQP connection for queue lengths lost, reconnecting: %s", exc)
@@ -572,7 +583,7 @@ class QueueLengths:
         self._app = celery_app
         self.broker_api = broker_api
         self._lock = threading.Lock()
-        self._backend: Any = None
+        self._backend: _Backend | None = None
         try:
             # app.connection() is the write URL, which is what Flower reads (spec 8).
             conn = celery_app.connection()
@@ -601,10 +612,12 @@ class QueueLengths:
         """Queue names to report, sorted (spec 8).
 
         The union of ``active_queues[].name`` over the inspector cache; when that is empty,
-        ``task_default_queue`` plus the names in ``task_queues``.
+        ``task_default_queue`` plus the names in ``task_queues``. Cheap and without I/O: call
+        it on the event loop, where the inspector cache lives, and hand the names to
+        :meth:`lengths` in a thread.
         """
         names: set[str] = set()
-        for info in inspector_workers.values():
+        for info in list(inspector_workers.values()):
             for queue in info.get("active_queues") or ():
                 if isinstance(queue, Mapping) and queue.get("name"):
                     names.add(str(queue["name"]))
@@ -630,13 +643,13 @@ class QueueLengths:
         """
         return self._get_backend().lengths(list(names))
 
-    def _get_backend(self) -> Any:
+    def _get_backend(self) -> _Backend:
         with self._lock:
             if self._backend is None:
                 self._backend = self._build_backend()
             return self._backend
 
-    def _build_backend(self) -> Any:
+    def _build_backend(self) -> _Backend:
         conn = self._conn
         if conn is None or not self.supported:
             raise UnsupportedBroker(self.transport)

@@ -1,17 +1,20 @@
 """Ingest: fold received events into task and worker records and flush them in batches.
 
-The receiver thread calls :meth:`Ingester.add` for every event and :meth:`Ingester.flush`
-when a batch is due. A flush merges all pending events in arrival order (Celery's state
-rules live in :mod:`stamen.events.merge`), so a task that got four events in one batch is
-written once. Recently touched task records stay in a bounded cache, so merging rarely
-reads the database; memory stays flat however long the history is.
+The receiver thread calls :meth:`Ingester.add` for every event; the flush thread
+(:class:`FlushThread`) calls :meth:`Ingester.flush` every commit interval or when a batch
+is full. Two threads, because SQLite releases the GIL while it writes: receiving the next
+events overlaps with storing the last ones. A flush merges all pending events in arrival
+order (Celery's state rules live in :mod:`stamen.events.merge`), so a task that got four
+events in one batch is written once. Recently touched task records stay in a bounded
+cache, so merging rarely reads the database; memory stays flat however long the history
+is.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,16 +26,23 @@ from stamen.events.merge import (
     note_task_event_on_worker,
 )
 from stamen.model import CELERY_STATES
+from stamen.store.schema import FTS_COLUMNS
 from stamen.store.writer import Batch, StoreWriter
 
 log = logging.getLogger(__name__)
 
+_SEARCHABLE = tuple(f for f in FTS_COLUMNS if f != "uuid")
+
+
+def _searchable(task: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(task[f] for f in _SEARCHABLE)
+
 
 class Ingester:
-    """Owns the merge state of the ingest thread; not shared with any other thread.
+    """Owns the merge state of ingest.
 
-    ``add`` may be called from the receiver thread only; ``flush`` from the same thread,
-    or from another one once the receiver has stopped (the lock makes that safe).
+    ``add`` is called by the receiver thread; ``flush`` by one other thread at a time (the
+    lock serialises a final flush at shutdown with the flush thread's last one).
     """
 
     def __init__(
@@ -51,7 +61,7 @@ class Ingester:
         self.task_types: set[str] = writer.load_task_types()
         self.custom_states: set[str] = writer.load_custom_states()
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.pending: list[Mapping[str, Any]] = []
+        self.pending: deque[Mapping[str, Any]] = deque()
         self.events_ingested = 0
         self._lock = threading.Lock()
 
@@ -61,7 +71,8 @@ class Ingester:
     def flush(self) -> int:
         """Merge and commit everything pending; returns how many events it wrote."""
         with self._lock:
-            events, self.pending = self.pending, []
+            pending = self.pending
+            events = [pending.popleft() for _ in range(len(pending))]
             if not events:
                 return 0
             batch = self._merge(events)
@@ -86,6 +97,8 @@ class Ingester:
         workers = self.workers
         counters = batch.counters
         types = self.task_types
+        reindex = batch.reindex
+        searchable: dict[str, tuple[Any, ...]] = {}
         for event in events:
             kind = event.get("type") or ""
             host = event.get("hostname")
@@ -95,12 +108,17 @@ class Ingester:
                 uuid = event.get("uuid")
                 if not uuid:
                     continue
-                task = tasks.get(uuid) or cache.get(uuid) or known.get(uuid)
+                task = tasks.get(uuid)
                 if task is None:
-                    task = new_task(uuid)
-                    batch.new_tasks += 1
-                    known[uuid] = task
-                tasks[uuid] = task
+                    task = cache.get(uuid) or known.get(uuid)
+                    if task is None:
+                        task = new_task(uuid)
+                        batch.new_tasks += 1
+                        known[uuid] = task
+                        reindex.add(uuid)
+                    else:
+                        searchable[uuid] = _searchable(task)
+                    tasks[uuid] = task
                 if subject != "sent" and host is not None:
                     worker = workers.get(host)
                     if worker is None:
@@ -126,6 +144,9 @@ class Ingester:
                     worker = workers[host] = new_worker(host)
                 apply_worker_event(worker, event)
                 batch.workers[host] = worker
+        for uuid, before in searchable.items():
+            if _searchable(tasks[uuid]) != before:
+                reindex.add(uuid)
         if len(workers) > self.max_workers:
             self._forget_workers(batch)
         return batch
@@ -147,3 +168,49 @@ class Ingester:
             cache.pop(uuid, None)
         while len(cache) > self.cache_size:
             cache.popitem(last=False)
+
+
+class FlushThread(threading.Thread):
+    """Commits pending events every ``interval`` seconds, or sooner when asked.
+
+    A failed commit is reported through ``on_error`` (an empty message once it works
+    again) and the thread carries on: the next batch may well succeed.
+    """
+
+    def __init__(self, ingester: Ingester, interval: float, on_error: Callable[[str], None]):
+        super().__init__(name="stamen-ingest", daemon=True)
+        self.ingester = ingester
+        self.interval = interval
+        self.on_error = on_error
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._failing = False
+
+    def wake(self) -> None:
+        """Flush now rather than at the end of the interval (a batch is full)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after one last flush of everything pending."""
+        self._stopping.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stopping.is_set()
+            try:
+                self.ingester.flush()
+            except Exception as exc:
+                log.exception("Failed to store received events")
+                self.on_error(f"{type(exc).__name__}: {exc}")
+                self._failing = True
+            else:
+                if self._failing:
+                    self.on_error("")
+                    self._failing = False
+            if stopping:
+                return

@@ -1,9 +1,10 @@
 """The broker end of ingest: one thread consuming Celery events through kombu.
 
-It works for every broker kombu supports (Celery's own ``EventReceiver``), hands each event
-to the :class:`~stamen.events.ingest.Ingester`, and flushes a batch every
-``commit_interval`` or every ``max_batch`` events. When the broker is unreachable it
-retries with capped exponential backoff and logs a change of state once, not every retry.
+It works for every broker kombu supports (Celery's own ``EventReceiver``) and hands each
+event to the :class:`~stamen.events.ingest.Ingester`; the flush thread stores them. When
+the broker is unreachable it retries with capped exponential backoff and logs a change of
+state once, not every retry. If storing falls far behind, receiving waits (bounded memory)
+rather than queueing without limit.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 from celery import Celery
 
-from stamen.events.ingest import Ingester
+from stamen.events.ingest import FlushThread, Ingester
 from stamen.health import Health
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
+#: Events waiting to be stored before receiving pauses.
+MAX_PENDING = 200_000
 
 
 class EventReceiverThread(threading.Thread):
@@ -48,7 +51,11 @@ class EventReceiverThread(threading.Thread):
         self.queue_max_length = queue_max_length
         self._stop_event = threading.Event()
         self._receiver: Any = None
-        self._last_flush = time.monotonic()
+        self.flusher = FlushThread(ingester, commit_interval, health.store_failed)
+
+    def start(self) -> None:
+        self.flusher.start()
+        super().start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop consuming, then commit everything already received."""
@@ -58,7 +65,7 @@ class EventReceiverThread(threading.Thread):
             receiver.should_stop = True
         if self.is_alive():
             self.join(timeout)
-        self._flush()
+        self.flusher.stop()
 
     def run(self) -> None:
         backoff = 1.0
@@ -67,13 +74,11 @@ class EventReceiverThread(threading.Thread):
                 self._consume()
                 backoff = 1.0
             except Exception as exc:
-                self._flush_safely()
                 if self._stop_event.is_set():
                     break
                 self.health.broker_down(f"{type(exc).__name__}: {exc}", retry_in=backoff)
                 self._stop_event.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
-        self._flush_safely()
 
     def _consume(self) -> None:
         with self.app.connection_for_read() as conn:
@@ -96,21 +101,11 @@ class EventReceiverThread(threading.Thread):
 
     def _on_iteration(self) -> None:
         self.health.broker_up()
-        if time.monotonic() - self._last_flush >= self.commit_interval:
-            self._flush()
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
-        ingester = self.ingester
-        ingester.add(event)
-        if len(ingester.pending) >= self.max_batch:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._last_flush = time.monotonic()
-        self.ingester.flush()
-
-    def _flush_safely(self) -> None:
-        try:
-            self._flush()
-        except Exception:
-            log.exception("Failed to store received events")
+        pending = self.ingester.pending
+        pending.append(event)
+        if len(pending) >= self.max_batch:
+            self.flusher.wake()
+            while len(pending) > MAX_PENDING and not self._stop_event.is_set():
+                time.sleep(0.01)  # storing is far behind: let it catch up

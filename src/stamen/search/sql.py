@@ -16,14 +16,20 @@ Where this differs from Flower's in-memory engine (all rare, none worth a scan):
   dotted ``İ`` is found by a query spelling the same character (in any case), but not by
   its full folding (``ss``, ``ff``, ``st``, ``i̇``...) as Flower would. Queries containing
   such characters search both the folded and the typed spelling (``Term.original``), so
-  ``Straße`` finds ``straße``, ``STRASSE`` and ``strasse``. SQLite's table is also older
-  than Python's Unicode, so case pairs added to Unicode recently may not fold.
+  ``Straße`` finds ``straße``, ``STRASSE`` and ``strasse``. The FTS narrowing of
+  ``kwargs:key=value`` folds the same way (``kwargs:x=strasse`` misses a stored
+  ``{'x': 'Straße'}``); refusing to narrow on every ``ss``/``st``/``fi`` instead would turn
+  common queries into scans. SQLite's table is also older than Python's Unicode, so case
+  pairs added to Unicode recently may not fold.
 * A term containing a NUL character matches nothing (Flower could match it across the
   ``\\0`` separators of its combined text; FTS5 cannot take NUL in a query).
-* ``kwargs:key=value`` narrows by FTS only with key/value parts that a Python repr of the
-  kwargs contains verbatim (no quotes, backslashes, brackets or commas). If the stored
-  kwargs text is not a repr (say, a literal with escapes like ``'\\x41'``) and the part is
-  spelt differently there, that task can be missed; Celery always sends reprs.
+* ``kwargs:key=value`` narrows by FTS only with key/value parts that a Python repr (or the
+  store's JSON) of the kwargs contains verbatim: no quotes, backslashes, brackets, commas
+  or float exponents. If the stored kwargs text is written some other way (a literal with
+  escapes like ``'\\x41'``) and the part is spelt differently there, that task can be
+  missed; Celery always sends reprs. Stored JSON with ``true``/``false``/``null`` yields
+  pairs (the store writes real dicts that way) where Flower, given such a *string*, would
+  find none.
 * Plain terms match the state text through ``states``, the distinct states the caller
   says are stored; a state missing from that list is not matched by a plain term.
 """
@@ -35,7 +41,9 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .parser import And, KwargPair, Node, Or, StateIs, Term, kwargs_pairs
+import orjson
+
+from .parser import KwargPair, Node, Or, StateIs, Term, kwargs_pairs
 
 __all__ = ["compile_query", "register_functions"]
 
@@ -79,9 +87,21 @@ def _kwpair(kwargs_text: object, pair: object) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _cached_pairs(kwargs_text: object) -> frozenset[str]:
-    # Cached because a query confirms the pair on many rows and literal_eval is slow, and
-    # because many tasks of one type share the same kwargs text.
-    return kwargs_pairs(kwargs_text)
+    """``kwargs_pairs`` of a stored kwargs column.
+
+    Cached because a query confirms the pair on many rows and ``literal_eval`` is slow, and
+    because many tasks of one type share the same kwargs text. The store keeps a kwargs
+    value that arrived as a real dict (not Celery's usual repr string) as JSON; Flower would
+    have indexed that dict, so JSON that ``literal_eval`` rejects (``true``, ``null``) is
+    read back as JSON.
+    """
+    pairs = kwargs_pairs(kwargs_text)
+    if pairs or not isinstance(kwargs_text, str) or not kwargs_text.startswith("{"):
+        return pairs
+    try:
+        return kwargs_pairs(orjson.loads(kwargs_text))
+    except orjson.JSONDecodeError:
+        return pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +141,8 @@ def _compile(node: Node, states: frozenset[str]) -> _Part:
     if isinstance(node, KwargPair):
         return _kwarg_pair(node)
     parts = [_compile(child, states) for child in node.children]
-    if isinstance(node, And):
-        return _and(parts)
-    return _or(parts)
+    combine = _or if isinstance(node, Or) else _and
+    return combine(parts)
 
 
 def _and(parts: list[_Part]) -> _Part:
@@ -207,13 +226,26 @@ def _kwarg_pair(node: KwargPair) -> _Part:
 
 
 def _narrows(text: str) -> bool:
-    """Whether a kwargs key/value surely appears verbatim in the repr of matching kwargs."""
+    """Whether a kwargs key/value surely appears verbatim in the stored text of matching
+    kwargs (a Python repr, or JSON for dicts the store serialised itself)."""
     return (
         len(text) >= _MIN_PHRASE
         and "\0" not in text
         and text.isprintable()
         and _REPR_SENSITIVE.isdisjoint(text)
+        and not _is_float_with_exponent(text)
     )
+
+
+def _is_float_with_exponent(text: str) -> bool:
+    # Python writes 1e+16 and 1e-05 where JSON has 1e16 and 1e-5.
+    if "e" not in text:
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _phrase(text: str) -> str:

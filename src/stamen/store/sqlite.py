@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from stamen.search.sql import register_functions
-from stamen.store.schema import DDL, SCHEMA_VERSION
+from stamen.store.schema import DDL, FTS_COLUMNS, SCHEMA_VERSION
 
 
 class StoreError(Exception):
@@ -59,3 +59,10 @@ def migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def rebuild_search_index(conn: sqlite3.Connection) -> None:
+    """Re-index every stored task for search (after bulk loads or a repair)."""
+    cols = ", ".join(FTS_COLUMNS)
+    conn.execute("DELETE FROM tasks_fts")
+    conn.execute(f"INSERT INTO tasks_fts (rowid, {cols}) SELECT id, {cols} FROM tasks ORDER BY id")

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 
 from stamen.model import WORKER_FIELDS
-from stamen.store.schema import TASK_COLUMNS
+from stamen.store.schema import FTS_COLUMNS, TASK_COLUMNS
 from stamen.store.sqlite import connect, migrate
 
 _TASK_INSERT = (
-    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}, seq) "
-    f"VALUES ({', '.join('?' * (len(TASK_COLUMNS) + 1))}) "
+    f"INSERT INTO tasks (id, {', '.join(TASK_COLUMNS)}, seq) "
+    f"VALUES ({', '.join('?' * (len(TASK_COLUMNS) + 2))}) "
     "ON CONFLICT(uuid) DO UPDATE SET "
     + ", ".join(f"{c}=excluded.{c}" for c in (*TASK_COLUMNS[1:], "seq"))
 )
@@ -35,6 +35,10 @@ _COUNTER_INSERT = (
     "INSERT INTO worker_counters (hostname, type, count, first_seen) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(hostname, type) DO UPDATE SET count = count + excluded.count"
 )
+_FTS_INSERT = (
+    f"INSERT INTO tasks_fts (rowid, {', '.join(FTS_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(FTS_COLUMNS) + 1))})"
+)
 _SCALARS = (str, int, float, type(None))
 
 
@@ -45,12 +49,18 @@ def _column_value(value: Any) -> Any:
     return orjson.dumps(value, default=repr).decode()
 
 
+def _by_id(task: dict[str, Any]) -> int:
+    return int(task["id"])
+
+
 @dataclass
 class Batch:
     """What one flush of ingest changed."""
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_tasks: int = 0
+    #: uuids of tasks whose searchable text changed (new tasks included).
+    reindex: set[str] = field(default_factory=set)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     task_types: set[str] = field(default_factory=set)
@@ -86,6 +96,7 @@ class StoreWriter:
         self.max_workers = max_workers
         self._clock = clock
         self.seq = self._meta("seq", 0)
+        self._next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         self.task_count = self.conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
         self._set_meta(task_count=self.task_count)
 
@@ -112,9 +123,11 @@ class StoreWriter:
             chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
             for row in self.conn.execute(
-                f"SELECT {cols} FROM tasks WHERE uuid IN ({marks})", chunk
+                f"SELECT {cols}, id FROM tasks WHERE uuid IN ({marks})", chunk
             ):
-                found[row[0]] = dict(zip(TASK_COLUMNS, row, strict=True))
+                record = dict(zip(TASK_COLUMNS, row[:-1], strict=True))
+                record["id"] = row[-1]
+                found[row[0]] = record
         return found
 
     def load_workers(self) -> dict[str, dict[str, Any]]:
@@ -149,14 +162,7 @@ class StoreWriter:
         conn.execute("BEGIN")
         try:
             if batch.tasks:
-                conn.executemany(
-                    _TASK_INSERT,
-                    [
-                        (*[_column_value(t.get(c)) for c in TASK_COLUMNS], seq)
-                        for t in batch.tasks.values()
-                    ],
-                )
-                self.task_count += batch.new_tasks
+                self._write_tasks(batch, seq)
             if batch.workers:
                 conn.executemany(
                     _WORKER_INSERT,
@@ -187,29 +193,56 @@ class StoreWriter:
             raise
         return trimmed
 
+    def _write_tasks(self, batch: Batch, seq: int) -> None:
+        rows = []
+        for task in batch.tasks.values():
+            task_id = task.get("id")
+            if task_id is None:
+                # The single writer hands out ids itself, so it knows a new row's rowid
+                # for the search index without reading it back.
+                task_id = task["id"] = self._next_id
+                self._next_id += 1
+            rows.append((task_id, *[_column_value(task.get(c)) for c in TASK_COLUMNS], seq))
+        self.conn.executemany(_TASK_INSERT, rows)
+        self.task_count += batch.new_tasks
+        if batch.reindex:
+            # FTS5 flushes its pending terms whenever a rowid goes backwards: keep them
+            # ascending, which makes indexing several times cheaper.
+            changed = sorted((batch.tasks[uuid] for uuid in batch.reindex), key=_by_id)
+            self.conn.executemany(
+                "DELETE FROM tasks_fts WHERE rowid = ?", [(t["id"],) for t in changed]
+            )
+            self.conn.executemany(
+                _FTS_INSERT,
+                [(t["id"], *[_column_value(t.get(c)) for c in FTS_COLUMNS]) for t in changed],
+            )
+
     def _trim(self) -> list[str]:
         """Drop the least recently updated tasks beyond the count and age limits."""
         removed: list[str] = []
         if self.max_task_age is not None:
             cutoff = self._clock() - self.max_task_age
-            removed += [
-                r[0]
-                for r in self.conn.execute(
-                    "DELETE FROM tasks WHERE timestamp < ? RETURNING uuid", (cutoff,)
-                )
-            ]
-            self.task_count -= len(removed)
+            rows = self.conn.execute(
+                "DELETE FROM tasks WHERE timestamp < ? RETURNING id, uuid", (cutoff,)
+            ).fetchall()
+            removed += self._unindex(rows)
+            self.task_count -= len(rows)
         excess = self.task_count - self.max_tasks
         if excess > 0:
             rows = self.conn.execute(
                 "DELETE FROM tasks WHERE id IN ("
                 " SELECT id FROM tasks ORDER BY timestamp, uuid LIMIT ?"
-                ") RETURNING uuid",
+                ") RETURNING id, uuid",
                 (excess,),
             ).fetchall()
-            removed += [r[0] for r in rows]
+            removed += self._unindex(rows)
             self.task_count -= len(rows)
         return removed
+
+    def _unindex(self, rows: list[tuple[int, str]]) -> list[str]:
+        """Remove deleted tasks from the search index; returns their uuids."""
+        self.conn.executemany("DELETE FROM tasks_fts WHERE rowid = ?", [(r[0],) for r in rows])
+        return [r[1] for r in rows]
 
     def trim_workers(self, keep: Mapping[str, Any]) -> None:
         """Forget stored workers that ingest no longer keeps (``max_workers``)."""
