@@ -63,6 +63,9 @@ class Ingester:
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.pending: deque[Mapping[str, Any]] = deque()
         self.events_ingested = 0
+        #: Called after each commit with the events and the batch they made, in the flush
+        #: thread (metrics and live updates hang here); an observer must be quick.
+        self.observers: list[Callable[[list[Mapping[str, Any]], Batch], None]] = []
         self._lock = threading.Lock()
 
     def add(self, event: Mapping[str, Any]) -> None:
@@ -81,6 +84,11 @@ class Ingester:
             self.events_ingested += len(events)
             if self.on_commit is not None:
                 self.on_commit(self.writer.seq)
+            for observer in self.observers:
+                try:
+                    observer(events, batch)
+                except Exception:
+                    log.exception("Ingest observer %r failed", observer)
             return len(events)
 
     def _merge(self, events: list[Mapping[str, Any]]) -> Batch:
