@@ -95,6 +95,8 @@ class Services:
         else:
             self.ingester.flush()
         self.writer.close()
+        self.queues.close()
+        self.inspector.close()
         log.info("Stopped; %d events stored", self.ingester.events_ingested)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)

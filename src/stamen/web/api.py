@@ -226,12 +226,10 @@ async def task_result(request: Request, taskid: str) -> Any:
 @router.get("/api/queues/length", summary="Messages waiting in each queue the workers consume")
 async def queue_lengths(request: Request) -> Any:
     svc = services(request)
+    if not svc.queues.supported:
+        raise ApiError(404, str(UnsupportedBroker(svc.queues.transport)))
     names = svc.queues.queue_names(svc.inspector.workers)
-    try:
-        lengths = await run_in_threadpool(svc.queues.lengths, names)
-    except UnsupportedBroker as exc:
-        raise ApiError(404, str(exc)) from None
-    return {"active_queues": lengths}
+    return {"active_queues": await blocking(svc, svc.queues.lengths, names)}
 
 
 def healthcheck_response(svc: Services) -> Response:
