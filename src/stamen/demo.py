@@ -112,6 +112,8 @@ def run_demo(settings: Any) -> int:
         address=settings.address or "127.0.0.1",
         unauthenticated_api=True,
     )
+    # The demo worker's per-task INFO lines would drown Stamen's own log.
+    logging.getLogger("celery").setLevel(logging.WARNING)
     threading.Thread(target=_run_worker, args=(app,), name="demo-worker", daemon=True).start()
     stop = threading.Event()
     threading.Thread(target=_produce, args=(app, stop), name="demo-producer", daemon=True).start()
