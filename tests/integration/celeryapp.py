@@ -11,6 +11,7 @@ import os
 import time
 
 from celery import Celery
+from celery.contrib.abortable import AbortableTask
 
 app = Celery(
     "itest",
@@ -19,11 +20,13 @@ app = Celery(
 )
 app.conf.update(
     task_default_queue=os.environ.get("STAMEN_TEST_QUEUE", "itest"),
-    worker_send_task_events=True,
+    worker_send_task_events=not os.environ.get("STAMEN_TEST_NO_EVENTS"),
     task_send_sent_event=True,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=600,
+    # Control tests restart the pool of a worker of their own.
+    worker_pool_restarts=os.environ.get("STAMEN_TEST_POOL_RESTARTS") == "1",
 )
 
 
@@ -53,3 +56,14 @@ def sleep(seconds: float) -> float:
 @app.task(name="itest.echo")
 def echo(payload: str, **kwargs: object) -> int:
     return len(payload)
+
+
+@app.task(name="itest.abortable", bind=True, base=AbortableTask)
+def abortable(self, seconds: float) -> str:  # type: ignore[no-untyped-def]
+    """Runs until aborted through the result backend (or ``seconds`` pass)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if self.is_aborted():
+            return "aborted"
+        time.sleep(0.1)
+    return "finished"

@@ -124,12 +124,21 @@ class Worker:
                 self.proc.wait()
 
 
-def start_worker(env: dict[str, str], hostname: str, queue: str, log_path: Path) -> Worker:
+def start_worker(
+    env: dict[str, str],
+    hostname: str,
+    queue: str,
+    log_path: Path,
+    *extra_args: str,
+    events: bool = True,
+) -> Worker:
     cmd = [
         sys.executable, "-m", "celery", "-A", "tests.integration.celeryapp", "worker",
-        "-E", "-P", "threads", "-c", "4", "-Q", queue, f"--hostname={hostname}",
-        "--without-mingle", "--without-gossip", "-l", "info",
+        "-P", "threads", "-c", "4", "-Q", queue, f"--hostname={hostname}",
+        "--without-mingle", "--without-gossip", "-l", "info", *extra_args,
     ]  # fmt: skip
+    if events:
+        cmd.append("-E")
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=log_path.open("ab"), stderr=subprocess.STDOUT
     )

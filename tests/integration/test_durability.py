@@ -40,6 +40,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(15)
 
+
 pytestmark = pytest.mark.integration
 
 
@@ -118,19 +119,26 @@ def test_broker_down_at_start_and_mid_run(tmp_path: Path, logs_dir: Path) -> Non
         assert "broker unreachable" in health.text
 
         server = start_redis_on(port, tmp_path)
-        wait_until(lambda: stamen.get("/healthcheck").status_code == 200, timeout=45,
-                   what="reconnect after the broker came up")
+        wait_until(
+            lambda: stamen.get("/healthcheck").status_code == 200,
+            timeout=45,
+            what="reconnect after the broker came up",
+        )
         worker = start_worker(env, "outage@localhost", "outage", logs_dir / "worker-outage.log")
         client = make_client(broker, broker.replace("/0", "/1"))
         first = client.send_task("itest.add", args=(1, 2), queue="outage").id
         wait_until(lambda: _all_succeeded(stamen, [first]), timeout=45, what="first task")
 
         stop_process(server)
-        wait_until(lambda: stamen.get("/healthcheck").status_code == 503, timeout=20,
-                   what="outage noticed")
+        wait_until(
+            lambda: stamen.get("/healthcheck").status_code == 503, timeout=20, what="outage noticed"
+        )
         server = start_redis_on(port, tmp_path)
-        wait_until(lambda: stamen.get("/healthcheck").status_code == 200, timeout=45,
-                   what="reconnect after the outage")
+        wait_until(
+            lambda: stamen.get("/healthcheck").status_code == 200,
+            timeout=45,
+            what="reconnect after the outage",
+        )
         second = client.send_task("itest.add", args=(3, 4), queue="outage").id
         wait_until(lambda: _all_succeeded(stamen, [second]), timeout=60, what="second task")
         client.close()
