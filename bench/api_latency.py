@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fill import RESULTS, fill_via_broker, prefill_stamen_db
 from flower_env import Monitor, start_monitor
-from harness import Table, fmt, median, percentile, ratio
+from harness import Table, exit_on_sigterm, fmt, median, percentile, ratio, sizes
 
 QUERIES = {
     "plain": "/api/tasks?limit=100",
@@ -166,10 +166,9 @@ def main() -> int:
     p.add_argument("--reuse", action="store_true", help="reuse bench/results/stamen-N.sqlite3")
     args = p.parse_args()
     q = args.quick
-    args.stamen_sizes = [int(s) for s in (args.stamen_sizes or
-                         ("10000,100000" if q else "10000,100000,1000000")).split(",")]  # fmt: skip
-    args.flower_sizes = [int(s) for s in (args.flower_sizes or
-                         ("10000" if q else "10000,100000")).split(",") if s]  # fmt: skip
+    args.stamen_sizes = sizes(args.stamen_sizes, "10000,100000" if q else "10000,100000,1000000")
+    args.flower_sizes = sizes(args.flower_sizes, "10000" if q else "10000,100000")
+    exit_on_sigterm()
     args.requests = args.requests or (20 if q else 50)
     args.per_client = args.per_client or (3 if q else 5)
     args.budget = args.budget or (20.0 if q else 60.0)

@@ -91,13 +91,13 @@ class Workload:
         self.hostnames = [f"celery@{prefix}-worker-{i + 1}" for i in range(workers)]
         self.pids = {h: 10_000 + i for i, h in enumerate(self.hostnames)}
         self.count = 0
-        self.id_prefix = str(uuidlib.UUID(int=self.rng.getrandbits(128), version=4))[:24]
 
     def task(self) -> SimTask:
         rng = self.rng
         n = self.count
         self.count += 1
-        uuid = f"{self.id_prefix}{n:012x}"  # uuid4-shaped, unique per workload seed
+        h = f"{rng.getrandbits(128):032x}"  # a random uuid4, as Celery makes them
+        uuid = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
         name = TASK_NAMES[n % len(TASK_NAMES)]
         hostname = self.hostnames[n % len(self.hostnames)]
         customer = CUSTOMERS[rng.randrange(len(CUSTOMERS))]

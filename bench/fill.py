@@ -97,6 +97,8 @@ def fill_via_broker(base_url: str, broker: str, tasks: int, *, mode: str = "batc
                     seed: int = 11, timeout: float = 600.0, omem_limit: int = 4_000_000,
                     rate_cap: float = 0.0) -> FillResult:  # fmt: skip
     """Publish ``tasks`` tasks as fast as the monitor takes them; wait for the last one."""
+    if tasks <= 0:
+        raise ValueError("fill at least one task")
     watch = RedisWatch(broker, redis_db(broker))
     if not watch.wait_subscribed(30):
         raise RuntimeError("the monitor never subscribed to the events channel")

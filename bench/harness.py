@@ -155,6 +155,68 @@ class CpuMeter:
         return self.percent
 
 
+def sizes(value: str | None, default: str) -> list[int]:
+    """``"10000,100000"`` -> [10000, 100000]; None takes ``default``; "" or "0" means none."""
+    text = default if value is None else value
+    return [int(x) for x in text.split(",") if x.strip() and int(x) > 0]
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``finally`` blocks stop the monitors we started."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class OtherCpu:
+    """CPU% (100 = one core) used on the machine by everything except the given processes
+    (this script, the monitor): how noisy the machine was during a measurement."""
+
+    def __init__(self, *pids: int) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.procs = [psutil.Process(p) for p in pids]
+        self.t0 = time.monotonic()
+        self.busy0 = self._busy()
+        self.own0 = self._own()
+
+    def _busy(self) -> float:
+        t = self.psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _own(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            try:
+                c = p.cpu_times()
+                total += c.user + c.system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def stop(self) -> float:
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(0.0, 100.0 * other / wall)
+
+
+def wait_for_quiet(limit: float = 40.0, max_wait: float = 60.0) -> float:
+    """Wait (bounded) until other processes use less than ``limit``% CPU over 2 s."""
+    import os
+
+    deadline = time.monotonic() + max_wait
+    while True:
+        meter = OtherCpu(os.getpid())
+        time.sleep(2.0)
+        other = meter.stop()
+        if other < limit or time.monotonic() > deadline:
+            return other
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100); NaN for no values."""
     if not values:

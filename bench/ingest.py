@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,12 +40,15 @@ from flower_env import Monitor, psutil, start_monitor
 from harness import (
     FINAL,
     CpuMeter,
+    OtherCpu,
     RedisWatch,
     Table,
     TaskProbe,
+    exit_on_sigterm,
     fmt,
     median,
     ratio,
+    wait_for_quiet,
 )
 
 SAMPLE = 150  # tasks looked up per phase for losses
@@ -53,6 +58,7 @@ SAMPLE = 150  # tasks looked up per phase for losses
 class DrainResult:
     rates: list[float] = field(default_factory=list)  # events/s, one per repeat
     cpu: list[float] = field(default_factory=list)
+    other: list[float] = field(default_factory=list)  # CPU% of other processes
     incomplete: int = 0  # repeats whose last task never showed up
     lost_tasks_est: int = 0
     unheard: int = 0
@@ -66,11 +72,13 @@ class Step:
     achieved: float
     lags: list[float]
     cpu: float | None
+    other_cpu: float
     lost_tasks_est: int
     unheard: int
     disconnects: int
     max_omem: int
     passed: bool
+    caught_up: bool
 
 
 @dataclass
@@ -143,130 +151,180 @@ def warm_up(monitor: Monitor, broker: str, mode: str, watch: RedisWatch) -> None
         probe.close()
 
 
-def drain(monitor: Monitor, broker: str, mode: str, tasks: int, repeat: int,
-          timeout: float, watch: RedisWatch, seed: int) -> DrainResult:  # fmt: skip
-    result = DrainResult()
-    probe = TaskProbe(monitor.url)
-    try:
-        for i in range(repeat):
-            watch.reset()
-            gen = LoadGenerator(broker, mode=mode, seed=seed + i)
-            gen._online_sent = True  # warm-up announced the workers
-            cpu = CpuMeter(monitor).start()
-            try:
-                stats = gen.run(tasks, rate=0, keep_uuids=SAMPLE)
-            finally:
-                gen.close()
-            done = probe.wait_final(stats.last_uuid, stats.started_at + timeout)
-            cpu.stop()
-            if done is None:
-                result.incomplete += 1
-            else:
-                result.rates.append(stats.events / (done - stats.started_at))
-                if cpu.percent is not None:
-                    result.cpu.append(cpu.percent)
-            # Stragglers of other workers' last batches: a moment, then the sample.
-            time.sleep(0.3 if done is not None else 0)
-            missing = probe.missing(stats.uuids)
-            result.lost_tasks_est += round(missing / max(len(stats.uuids), 1) * stats.tasks)
-            result.unheard += stats.unheard
-            result.disconnects += watch.disconnects
-            result.max_omem = max(result.max_omem, watch.max_omem)
-            time.sleep(0.5)
-    finally:
-        probe.close()
-    return result
-
-
-def sustained(monitor: Monitor, broker: str, mode: str, rates: list[int], step_s: float,
-              catchup_s: float, max_lag: float, watch: RedisWatch, seed: int,
-              extra_steps: int) -> list[Step]:  # fmt: skip
-    steps: list[Step] = []
+def drain_once(monitor: Monitor, broker: str, mode: str, tasks: int, timeout: float,
+               watch: RedisWatch, seed: int, result: DrainResult) -> None:  # fmt: skip
+    """Publish ``tasks`` tasks as fast as possible; time until the last one shows final."""
+    watch.reset()
     gen = LoadGenerator(broker, mode=mode, seed=seed)
-    gen._online_sent = True
+    gen._online_sent = True  # warm-up announced the workers
     probe = TaskProbe(monitor.url)
-    failures = 0
+    cpu = CpuMeter(monitor).start()
+    other = OtherCpu(os.getpid(), monitor.pid)
     try:
-        for rate in rates:
-            watch.reset()
-            markers = MarkerLag(monitor.url)
-            cpu = CpuMeter(monitor).start()
-            stats = gen.run(duration=step_s, rate=rate, marker_every=0.5, on_marker=markers.add,
-                            keep_uuids=SAMPLE // 3)  # fmt: skip
-            cpu.stop()
-            deadline = time.monotonic() + catchup_s
-            caught_up = markers.wait_all(deadline)
-            lags = markers.close()
-            # The tail after the last marker must arrive too before the sample is checked.
-            caught_up = caught_up and probe.wait_final(stats.last_uuid, deadline) is not None
-            missing = probe.missing(stats.uuids) if caught_up else len(stats.uuids)
-            lost = round(missing / max(len(stats.uuids), 1) * stats.tasks)
-            achieved = stats.events / stats.seconds if stats.seconds else 0.0
-            passed = (
-                caught_up
-                and bool(lags)
-                and max(lags) <= max_lag
-                and lost == 0
-                and stats.unheard == 0
-                and achieved >= 0.95 * rate
-            )
-            step = Step(rate, achieved, lags, cpu.percent, lost, stats.unheard,
-                        watch.disconnects, watch.max_omem, passed)  # fmt: skip
-            steps.append(step)
-            print(f"    {monitor.kind:6s} {mode:6s} {rate:>6d}/s: published {achieved:8.0f}/s, "
-                  f"lag median {fmt(median(lags))} s max {fmt(max(lags) if lags else None)} s, "
-                  f"cpu {fmt(cpu.percent)}%, lost~{lost}, unheard {stats.unheard}, "
-                  f"omem max {watch.max_omem / 1e6:.1f} MB -> {'ok' if passed else 'FAIL'}",
-                  flush=True)  # fmt: skip
-            if not passed:
-                failures += 1
-                if failures > extra_steps or not caught_up:
-                    break
-                # Let it drain before trying the next rate.
-                time.sleep(min(catchup_s, 5))
+        try:
+            stats = gen.run(tasks, rate=0, keep_uuids=SAMPLE)
+        finally:
+            gen.close()
+        done = probe.wait_final(stats.last_uuid, stats.started_at + timeout)
+        cpu.stop()
+        result.other.append(other.stop())
+        if done is None:
+            result.incomplete += 1
+        else:
+            result.rates.append(stats.events / (done - stats.started_at))
+            if cpu.percent is not None:
+                result.cpu.append(cpu.percent)
+            time.sleep(0.3)  # stragglers of the other workers' last batches
+        missing = probe.missing(stats.uuids)
     finally:
-        gen.close()
         probe.close()
-    return steps
+    result.lost_tasks_est += round(missing / max(len(stats.uuids), 1) * stats.tasks)
+    result.unheard += stats.unheard
+    result.disconnects += watch.disconnects
+    result.max_omem = max(result.max_omem, watch.max_omem)
 
 
-def run_one(kind: str, mode: str, args: argparse.Namespace, seed: int) -> RunResult:
-    out = RunResult(kind, mode)
-    print(f"  {kind} / {mode}: starting", flush=True)
-    monitor = start_monitor(kind, args.broker, max_tasks=args.max_tasks)
-    watch = RedisWatch(args.broker, redis_db(args.broker)).start()
+def step_once(monitor: Monitor, gen: LoadGenerator, rate: int, args: argparse.Namespace,
+              watch: RedisWatch) -> Step:  # fmt: skip
+    """Publish at ``rate`` events/s for ``args.step`` s with markers; wait (bounded) for the
+    monitor to catch up; check a sample for losses."""
+    watch.reset()
+    markers = MarkerLag(monitor.url)
+    probe = TaskProbe(monitor.url)
+    cpu = CpuMeter(monitor).start()
+    other = OtherCpu(os.getpid(), monitor.pid)
     try:
-        warm_up(monitor, args.broker, mode, watch)
-        k = args.drain_tasks_single if mode == "single" else args.drain_tasks_batch
-        out.drain = drain(monitor, args.broker, mode, k, args.drain_repeat, args.drain_timeout,
-                          watch, seed)  # fmt: skip
-        d = out.drain
-        print(f"    {kind:6s} {mode:6s} drain of {k} tasks: "
-              f"{', '.join(f'{r:.0f}' for r in d.rates) or 'incomplete'} events/s, "
-              f"lost~{d.lost_tasks_est} tasks, unheard {d.unheard}, disconnects "
-              f"{d.disconnects}, omem max {d.max_omem / 1e6:.1f} MB", flush=True)  # fmt: skip
-        out.steps = sustained(monitor, args.broker, mode, args.rates, args.step, args.catchup,
-                              args.max_lag, watch, seed + 1000, args.extra_steps)  # fmt: skip
-        if not monitor.alive():
-            out.error = f"{kind} died: {monitor.log_tail(5)}"
-    except Exception as exc:  # report and go on with the other monitor
-        out.error = f"{type(exc).__name__}: {exc}"
-        print(f"    {kind} / {mode}: ERROR {out.error}", flush=True)
+        stats = gen.run(duration=args.step, rate=rate, marker_every=0.5, on_marker=markers.add,
+                        keep_uuids=SAMPLE // 3)  # fmt: skip
+        cpu.stop()
+        other_cpu = other.stop()
+        deadline = time.monotonic() + args.catchup
+        caught_up = markers.wait_all(deadline)
+        lags = markers.close()
+        # The tail after the last marker must arrive too before the sample is checked.
+        caught_up = caught_up and probe.wait_final(stats.last_uuid, deadline) is not None
+        missing = probe.missing(stats.uuids) if caught_up else len(stats.uuids)
     finally:
-        watch.stop()
-        monitor.stop()
-    return out
+        probe.close()
+    lost = round(missing / max(len(stats.uuids), 1) * stats.tasks)
+    achieved = stats.events / stats.seconds if stats.seconds else 0.0
+    passed = (
+        caught_up
+        and bool(lags)
+        and max(lags) <= args.max_lag
+        and lost == 0
+        and stats.unheard == 0
+        and achieved >= 0.95 * rate
+    )
+    step = Step(rate, achieved, lags, cpu.percent, other_cpu, lost, stats.unheard,
+                watch.disconnects, watch.max_omem, passed, caught_up)  # fmt: skip
+    print(f"    {monitor.kind:6s} {gen.mode:6s} {rate:>6d}/s: published {achieved:8.0f}/s, "
+          f"lag median {fmt(median(lags))} s max {fmt(max(lags) if lags else None)} s, "
+          f"cpu {fmt(cpu.percent)}%, others {other_cpu:.0f}%, lost~{lost}, unheard "
+          f"{stats.unheard}, omem max {watch.max_omem / 1e6:.1f} MB -> "
+          f"{'ok' if passed else 'FAIL'}", flush=True)  # fmt: skip
+    return step
+
+
+def with_db(broker: str, db: int) -> str:
+    u = urlparse(broker)
+    return urlunparse(u._replace(path=f"/{db}"))
+
+
+@dataclass
+class Side:
+    kind: str
+    broker: str
+    monitor: Monitor
+    watch: RedisWatch
+    result: RunResult
+    gen: LoadGenerator | None = None
+    active: bool = True
+    failures: int = 0
+
+
+def run_mode(mode: str, kinds: list[str], args: argparse.Namespace, seed: int) -> list[RunResult]:
+    """Both monitors run at once, each on its own Redis db (pub/sub channels are per db), and
+    their measurements alternate, so a burst of noise on the machine hits both alike."""
+    base = redis_db(args.broker)
+    sides: list[Side] = []
+    try:
+        for j, kind in enumerate(kinds):
+            broker = with_db(args.broker, base + j)
+            result = RunResult(kind, mode)
+            print(f"  {kind} / {mode}: starting on {broker}", flush=True)
+            try:
+                monitor = start_monitor(kind, broker, max_tasks=args.max_tasks)
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+                print(f"    {kind}: ERROR {result.error}", flush=True)
+                continue
+            watch = RedisWatch(broker, base + j).start()
+            side = Side(kind, broker, monitor, watch, result)
+            sides.append(side)
+            try:
+                warm_up(monitor, broker, mode, watch)
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+                side.active = False
+        k = args.drain_tasks_single if mode == "single" else args.drain_tasks_batch
+        for i in range(args.drain_repeat):
+            for side in sides:
+                if not side.active:
+                    continue
+                wait_for_quiet(args.quiet_limit, args.quiet_wait)
+                d = side.result.drain = side.result.drain or DrainResult()
+                before = len(d.rates)
+                drain_once(side.monitor, side.broker, mode, k, args.drain_timeout, side.watch,
+                           seed + 100 * i + 7 * len(side.kind), d)  # fmt: skip
+                last = f"{d.rates[-1]:,.0f} events/s" if len(d.rates) > before else "INCOMPLETE"
+                print(f"    {side.kind:6s} {mode:6s} drain {i + 1}/{args.drain_repeat} of "
+                      f"{k:,} tasks: {last}, others {d.other[-1]:.0f}% cpu, lost~"
+                      f"{d.lost_tasks_est} tasks, unheard {d.unheard}, disconnects "
+                      f"{d.disconnects}, omem max {d.max_omem / 1e6:.1f} MB",
+                      flush=True)  # fmt: skip
+                time.sleep(0.5)
+        for j, side in enumerate(sides):
+            side.gen = LoadGenerator(side.broker, mode=mode, seed=seed + 1000 + j)
+            side.gen._online_sent = True
+        for rate in args.rates:
+            for side in sides:
+                if not side.active:
+                    continue
+                wait_for_quiet(args.quiet_limit, args.quiet_wait)
+                step = step_once(side.monitor, side.gen, rate, args, side.watch)
+                side.result.steps.append(step)
+                if not step.passed:
+                    side.failures += 1
+                    if side.failures > args.extra_steps or not step.caught_up:
+                        side.active = False
+                    else:
+                        time.sleep(min(args.catchup, 5))
+            if not any(s.active for s in sides):
+                break
+        for side in sides:
+            if not side.monitor.alive():
+                side.result.error = f"{side.kind} died: {side.monitor.log_tail(5)}"
+    finally:
+        for side in sides:
+            if side.gen is not None:
+                side.gen.close()
+            side.watch.stop()
+            side.monitor.stop()
+    done = {s.kind for s in sides}
+    return [s.result for s in sides] + [RunResult(k, mode, error="did not start")
+                                        for k in kinds if k not in done]  # fmt: skip
 
 
 def report(results: list[RunResult], args: argparse.Namespace) -> None:
     by = {(r.kind, r.mode): r for r in results}
     steps = Table("Sustained-rate steps (lag = marker's last event published -> shown final)",
                   ["monitor/mode", "target/s", "sent/s", "lag med s", "lag max s", "CPU %",
-                   "lost~", "omem MB", "ok"])  # fmt: skip
+                   "others %", "lost~", "omem MB", "ok"])  # fmt: skip
     for r in results:
         for s in r.steps:
             steps.add(f"{r.kind}/{r.mode}", s.rate, s.achieved, median(s.lags),
-                      max(s.lags) if s.lags else None, s.cpu, s.lost_tasks_est,
+                      max(s.lags) if s.lags else None, s.cpu, s.other_cpu, s.lost_tasks_est,
                       s.max_omem / 1e6, "yes" if s.passed else "NO")  # fmt: skip
     steps.print()
 
@@ -284,6 +342,9 @@ def report(results: list[RunResult], args: argparse.Namespace) -> None:
         sd, fd = drained(s), drained(f)
         summary.add(f"backlog drain, {label}, {3 * k:,} events (events/s, median)",
                     fmt(sd), fmt(fd), ratio(sd, fd))  # fmt: skip
+        sc = median(s.drain.cpu) if s and s.drain else None
+        fc = median(f.drain.cpu) if f and f.drain else None
+        summary.add(f"  monitor CPU % while draining, {label}", fmt(sc), fmt(fc), "-")
 
         def best(r: RunResult | None) -> tuple[str, float | None, float | None]:
             if r is None or not r.steps:
@@ -314,6 +375,12 @@ def report(results: list[RunResult], args: argparse.Namespace) -> None:
         for r in (s, f):
             if r and r.error:
                 summary.notes.append(f"{r.kind}/{r.mode}: {r.error}")
+    others = [x for r in results if r.drain for x in r.drain.other]
+    others += [st.other_cpu for r in results for st in r.steps]
+    if others:
+        summary.notes.append(f"CPU used by other processes during the measurements: median "
+                             f"{median(others):.0f}%, max {max(others):.0f}% (200% = both "
+                             "cores)")  # fmt: skip
     if psutil is None:
         summary.notes.append("psutil is not installed: no CPU figures")
     summary.notes.append("ratio: Stamen / Flower (higher is better for Stamen). 2 cores: the "
@@ -336,6 +403,13 @@ def main() -> int:
     p.add_argument("--step", type=float, default=None, help="seconds per rate step")
     p.add_argument("--catchup", type=float, default=None, help="max wait after a step")
     p.add_argument("--max-lag", type=float, default=2.0)
+    p.add_argument(
+        "--quiet-limit",
+        type=float,
+        default=40.0,
+        help="before each measurement wait while other processes use more CPU %%",
+    )
+    p.add_argument("--quiet-wait", type=float, default=20.0, help="... but at most this long")
     p.add_argument("--extra-steps", type=int, default=0,
                    help="steps to try after the first failing one")  # fmt: skip
     args = p.parse_args()
@@ -356,11 +430,11 @@ def main() -> int:
     args.rates = [int(r) for r in str(args.rates).split(",")]
     args.modes = [m.strip() for m in args.modes.split(",")]
     kinds = [k.strip() for k in args.monitors.split(",")]
+    exit_on_sigterm()
     t0 = time.monotonic()
     results: list[RunResult] = []
     for i, mode in enumerate(args.modes):
-        for j, kind in enumerate(kinds):
-            results.append(run_one(kind, mode, args, seed=1 + 10_000 * (2 * i + j)))
+        results += run_mode(mode, kinds, args, seed=1 + 10_000 * i)
     report(results, args)
     print(f"\n(total {time.monotonic() - t0:.0f} s)")
     return 0

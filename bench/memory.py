@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fill import RESULTS, fill_via_broker, prefill_stamen_db
 from flower_env import Monitor, psutil, start_monitor
-from harness import Table, fmt, ratio
+from harness import Table, exit_on_sigterm, fmt, ratio, sizes
 
 TOP_UP = 20_000  # tasks ingested through the broker on top of a prefilled database
 
@@ -84,18 +84,17 @@ def main() -> int:
     p.add_argument("--reuse", action="store_true", help="reuse bench/results/stamen-N.sqlite3")
     args = p.parse_args()
     q = args.quick
-    stamen_sizes = [int(s) for s in (args.stamen_sizes or
-                    ("10000,100000" if q else "10000,100000,1000000")).split(",")]  # fmt: skip
-    flower_sizes = [int(s) for s in (args.flower_sizes or
-                    ("10000" if q else "10000,100000")).split(",") if s]  # fmt: skip
+    stamen_sizes = sizes(args.stamen_sizes, "10000,100000" if q else "10000,100000,1000000")
+    flower_sizes = sizes(args.flower_sizes, "10000" if q else "10000,100000")
+    exit_on_sigterm()
     if psutil is None:
         print("psutil is required: pip install psutil")
         return 2
     t0 = time.monotonic()
     results: dict[tuple[str, int], dict[str, object]] = {}
     notes: list[str] = []
-    for kind, sizes in (("stamen", stamen_sizes), ("flower", flower_sizes)):
-        for size in sizes:
+    for kind, kind_sizes in (("stamen", stamen_sizes), ("flower", flower_sizes)):
+        for size in kind_sizes:
             try:
                 results[(kind, size)] = measure(kind, size, args)
             except Exception as exc:
@@ -110,13 +109,13 @@ def main() -> int:
         mem = r.get(key) if r else None
         return mem.get(part) if isinstance(mem, dict) else None
 
-    sizes = sorted(set(stamen_sizes) | set(flower_sizes))
-    first = sizes[0]
+    all_sizes = sorted(set(stamen_sizes) | set(flower_sizes))
     for part in ("rss", "anon"):
-        s, f = get("stamen", first, "idle", part), get("flower", first, "idle", part)
+        s = get("stamen", min(stamen_sizes, default=0), "idle", part)
+        f = get("flower", min(flower_sizes, default=0), "idle", part)
         table.add(f"{part.upper() if part == 'rss' else part} at start (0 tasks)", fmt(s),
                   fmt(f), ratio(s, f, higher_is_better=False))  # fmt: skip
-    for size in sizes:
+    for size in all_sizes:
         for part in ("rss", "anon"):
             s, f = get("stamen", size, "mem", part), get("flower", size, "mem", part)
             fcell = fmt(f) if f is not None else ("out of reach" if size > 100_000 else "-")

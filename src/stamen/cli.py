@@ -82,6 +82,11 @@ class Subcommand:
     run: Callable[[Settings, Invocation], int | None]
     uses_app: bool = False
     takes_args: bool = False
+    #: Options the subcommand parses itself (``--name=value``/``--name value``, ``_``/``-``
+    #: alike, after the command word): passed on in ``Invocation.args`` with the words, in
+    #: order, instead of to ``load_settings`` (which would warn about them).
+    options: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # the same, for options without a value
 
 
 def _run_demo(settings: Settings, invocation: Invocation) -> int | None:
@@ -90,9 +95,25 @@ def _run_demo(settings: Settings, invocation: Invocation) -> int | None:
     return run_demo(settings)
 
 
+def _run_check(settings: Settings, invocation: Invocation) -> int | None:
+    from stamen.check import run_check
+
+    return run_check(invocation.args, quiet=invocation.quiet)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         "demo", "serve a simulated cluster, to try Stamen without a broker", _run_demo
+    ),
+    "check": Subcommand(
+        "check",
+        "check a running Stamen or Flower: reachable, UI, auth, workers, history, /metrics. "
+        "check URL [--user=U --password=P | --token=T] [--timeout=S] [--require-auth] "
+        "[--insecure]; exit 0 ok, 1 not reachable, 2 no workers, 3 auth problem",
+        _run_check,
+        takes_args=True,
+        options=("user", "password", "token", "timeout"),
+        flags=("require_auth", "insecure"),
     ),
 }
 
@@ -200,6 +221,8 @@ def parse_invocation(argv: Sequence[str]) -> Invocation:
 
     drop: set[int] = set()
     positionals = parse_command_line(rest).positionals
+    own = _subcommand_options(rest, positionals)
+    positionals = [(i, w) for i, w in positionals if i not in own]
     if positionals:
         first_index, word = positionals[0]
         if word not in SUBCOMMANDS:
@@ -209,10 +232,33 @@ def parse_invocation(argv: Sequence[str]) -> Invocation:
         extra = positionals[1:]
         if extra and not SUBCOMMANDS[word].takes_args:
             raise ConfigError(f"unexpected argument {extra[0][1]!r}")
-        invocation.args = [w for _, w in extra]
-        drop.update(i for i, _ in extra)
+        taken = {i for i, _ in extra} | set(own)
+        invocation.args = [rest[i] for i in sorted(taken)]
+        drop.update(taken)
     invocation.options = [token for i, token in enumerate(rest) if i not in drop]
     return invocation
+
+
+def _subcommand_options(rest: list[str], positionals: list[tuple[int, str]]) -> list[int]:
+    """Indexes in ``rest`` of the options (and their separate values) that the subcommand
+    named by the first word parses itself; empty when it declares none."""
+    if not positionals or positionals[0][1] not in SUBCOMMANDS:
+        return []
+    subcommand = SUBCOMMANDS[positionals[0][1]]
+    taken: list[int] = []
+    index = positionals[0][0] + 1
+    while index < len(rest):
+        token = rest[index]
+        name = token.lstrip("-").partition("=")[0].replace("-", "_")
+        if token.startswith("--") and name in subcommand.flags:
+            taken.append(index)
+        elif token.startswith("--") and name in subcommand.options:
+            taken.append(index)
+            if "=" not in token and index + 1 < len(rest):
+                taken.append(index + 1)
+                index += 1
+        index += 1
+    return taken
 
 
 def apply_celery_options(celery: dict[str, Any]) -> None:

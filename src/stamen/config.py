@@ -94,11 +94,39 @@ def _log_level(value: str) -> str:
 
 
 def _basic_auth(entries: list[str]) -> list[str]:
+    # An argon2 hash holds commas (``m=65536,t=3,p=4``), which the comma split cut apart:
+    # glue a piece without a colon back onto an argon2 entry before it.
+    joined: list[str] = []
+    for entry in entries:
+        if joined and ":" not in entry and "$argon2" in joined[-1]:
+            joined[-1] += "," + entry
+        else:
+            joined.append(entry)
+    entries = joined
     for entry in entries:
         user, colon, _ = entry.partition(":")
         if not colon or not user:
             # Never echo the entry: it may be a password typed without its user.
             raise ValueError("each entry must be of the form user:password")
+    return entries
+
+
+def _role_entries(entries: list[str]) -> list[str]:
+    """Role lists: user names, ``--auth``-style email patterns or ``group:<name>``."""
+    cleaned = [e.strip() for e in entries if e.strip()]
+    for entry in cleaned:
+        if not entry.startswith("group:"):
+            try:
+                validate_auth_pattern(entry)
+            except ConfigError:
+                raise ValueError(f"invalid pattern {entry!r}") from None
+    return cleaned
+
+
+def _api_tokens(entries: list[str]) -> list[str]:
+    from stamen.web.gate import parse_api_tokens
+
+    parse_api_tokens(tuple(entries))
     return entries
 
 
@@ -238,6 +266,29 @@ OPTIONS: tuple[Option, ...] = (
     _O("commit_interval", "float", 1.0,
        "seconds between commits of ingested events; a crash loses at most this much",
        group="stamen", check=_positive),
+    _O("celery_exporter_metrics", "bool", False,
+       "also export celery-exporter's metric family (celery_task_sent_total, "
+       "celery_worker_up, ...) on /metrics", group="stamen"),
+    # Stamen's access control (stamen.web.roles, stamen.web.gate, stamen.web.auth)
+    _O("admins", "str", [],
+       "who gets the admin role (everything, worker shutdown included): basic-auth users, "
+       "emails or --auth-style patterns, group:<OIDC group>; with no role list set every "
+       "authenticated user is admin, as in Flower", multiple=True, group="stamen",
+       check=_role_entries),
+    _O("operators", "str", [],
+       "who gets the operator role (task actions, queue pause/purge, worker pool and "
+       "consumers); same entries as --admins", multiple=True, group="stamen",
+       check=_role_entries),
+    _O("viewers", "str", [],
+       "who gets the viewer role (sees everything, changes nothing); once a role list is "
+       "set, authenticated users on no list are viewers", multiple=True, group="stamen",
+       check=_role_entries),
+    _O("api_tokens", "str", [],
+       "bearer tokens for API clients, name:token[:role]; token may be sha256:<hex digest>",
+       multiple=True, group="stamen", check=_api_tokens),
+    _O("oauth2_issuer", "str", None,
+       "OpenID Connect issuer URL (or its /.well-known/openid-configuration URL) for "
+       "--auth_provider=oidc", nullable=True, group="stamen"),
 )  # fmt: skip
 OPTIONS_BY_NAME: dict[str, Option] = {opt.name: opt for opt in OPTIONS}
 
@@ -322,6 +373,12 @@ class Settings:
     event_queue_ttl: float | None = None  # seconds
     event_queue_max_length: int | None = None
     commit_interval: float = 1.0  # seconds
+    celery_exporter_metrics: bool = False
+    admins: list[str] = field(default_factory=list)
+    operators: list[str] = field(default_factory=list)
+    viewers: list[str] = field(default_factory=list)
+    api_tokens: list[str] = field(default_factory=list, repr=False)
+    oauth2_issuer: str | None = None
     # Read from the environment only, as Flower does.
     unauthenticated_api: bool = False  # FLOWER_UNAUTHENTICATED_API
     github_oauth_domain: str = "github.com"  # FLOWER_GITHUB_OAUTH_DOMAIN
@@ -345,6 +402,7 @@ class Settings:
             if values[name]:
                 values[name] = "********"
         values["basic_auth"] = [e.partition(":")[0] + ":********" for e in self.basic_auth]
+        values["api_tokens"] = [e.partition(":")[0] + ":********" for e in self.api_tokens]
         if self.broker_api:
             values["broker_api"] = mask_url_password(self.broker_api)
         if self.format_task is not None:

@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from stamen.services import Services
+from stamen.web import live
 from stamen.web.app import create_app
 
 log = logging.getLogger("stamen")
@@ -29,6 +30,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         if sig == signal.SIGTERM and not self.should_exit:
             log.info("%d detected, shutting down", sig)
+        live.shutting_down()  # end open SSE streams, or uvicorn waits for them for ever
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:
             self._captured_signals.remove(sig)

@@ -15,7 +15,9 @@ from typing import Any
 
 from celery import Celery
 
+from stamen.audit import ActionStore
 from stamen.cluster.inspector import Inspector
+from stamen.cluster.pause import QueuePauser
 from stamen.cluster.queues import QueueLengths
 from stamen.events.enabler import EventsEnabler
 from stamen.events.ingest import Ingester
@@ -71,6 +73,10 @@ class Services:
         self.enabler = EventsEnabler(app) if settings.enable_events else None
         self.inspector = Inspector(app, settings.inspect_timeout / 1000.0)
         self.queues = QueueLengths(app, settings.broker_api)
+        # Control actions write the audit log, retry links and paused queues themselves.
+        self.actions = ActionStore(self.db_path)
+        self.pauser = QueuePauser(app, self.actions, settings.inspect_timeout / 1000.0)
+        self.ingester.observers.append(self.pauser.observe)
         self._ingest = ingest
         self._started = False
         self._stopped = False
@@ -81,6 +87,7 @@ class Services:
         self._started = True
         if self._ingest:
             self.receiver.start()
+            self.pauser.start()
             if self.enabler is not None:
                 self.enabler.start()
 
@@ -90,6 +97,7 @@ class Services:
         self._stopped = True
         if self.enabler is not None:
             self.enabler.stop()
+        self.pauser.stop()
         if self._started and self._ingest:
             self.receiver.stop()
         else:

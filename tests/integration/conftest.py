@@ -213,7 +213,7 @@ def _start_cluster(name: str, broker: str, backend: str, logs_dir: Path) -> Iter
     try:
         wait_until(
             lambda: stamen.get("/api/workers?status=1").json().get(worker.hostname),
-            timeout=60,
+            timeout=120,
             what=f"{worker.hostname} online in stamen",
         )
         yield cluster

@@ -79,3 +79,41 @@ DDL: tuple[str, ...] = (
     )
     """,
 )
+
+#: Tables the web process writes (control actions), not the ingest writer: the audit log,
+#: which task a retry re-sent, and the queues paused across the cluster. ``stamen.audit``
+#: also creates them on databases made before they existed.
+ACTION_DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_log (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        user TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        params TEXT,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        message TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_by_action ON audit_log (action, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_target ON audit_log (target, id)",
+    """
+    CREATE TABLE IF NOT EXISTS task_retries (
+        task_id TEXT PRIMARY KEY,
+        retry_of TEXT NOT NULL,
+        at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS task_retries_by_origin ON task_retries (retry_of)",
+    """
+    CREATE TABLE IF NOT EXISTS paused_queues (
+        name TEXT PRIMARY KEY,
+        paused_at REAL NOT NULL,
+        paused_by TEXT NOT NULL,
+        workers TEXT NOT NULL DEFAULT '[]'
+    )
+    """,
+)
+DDL += ACTION_DDL

@@ -17,9 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import stamen
+from stamen.metrics import CONTENT_TYPE, Metrics
 from stamen.services import Services
-from stamen.web import api
+from stamen.web import actions, api, control, live, pages
+from stamen.web.auth import install_auth
 from stamen.web.errors import ApiError, api_error_handler, plain
+from stamen.web.extensions import install_extensions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,20 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(api.router)
+    install_auth(app)  # login/logout, identity + CSRF middlewares (stamen.web.auth)
+    app.include_router(control.router)
+    app.include_router(actions.router)
+    pages.install(app)  # HTML pages, /static, /live, error and logout pages
+    app.include_router(live.router)
+
+    metrics = Metrics(services)
+    metrics.attach()
+    app.state.metrics = metrics
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Flower's /metrics: no auth, ``text/plain`` exactly (spec 3.7)."""
+        return Response(await metrics.scrape(), headers={"Content-Type": CONTENT_TYPE})
 
     @app.get("/healthcheck", include_in_schema=True, summary="Is Stamen healthy?")
     async def healthcheck(request: Request) -> Response:
@@ -64,6 +81,7 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
+    install_extensions(app, services)  # flowerconfig.py's stamen_routes, last: see there
     return app
 
 
@@ -78,5 +96,5 @@ async def _inspect_quietly(services: Services) -> None:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        return plain(404, "Error, page not found")
+        return pages.error_page(request, 404, "Error, page not found")
     return plain(exc.status_code, str(exc.detail or ""))

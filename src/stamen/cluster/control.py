@@ -1,0 +1,256 @@
+"""Pure helpers for the control API: reading Celery's control replies, checking inputs.
+
+Place in the pipeline: cluster access (DESIGN.md). Nothing here talks to the broker, so every
+rule a control or execution endpoint applies to its input, and every way it reads a worker's
+reply, is unit-tested without a cluster. The web handlers (``stamen.web.control`` and
+``stamen.web.actions``) only glue these to requests and broadcasts.
+
+Messages that reach the client are Flower 2.2's literal texts wherever Flower has one
+(spec 4.2-4.4); where Flower answered a 500 for bad input we answer 400 with a clear message.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import signal
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+#: Flower's date format for ``eta``/``expires`` (microseconds required, naive datetime).
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+UNKNOWN_REASON = "Unknown reason"
+
+
+class InputError(ValueError):
+    """Bad client input; ``str(exc)`` is the 400 message to send back."""
+
+
+# --- control replies --------------------------------------------------------------------------
+
+
+def _entry(replies: Any, worker: str) -> Any:
+    """The first reply entry that ``worker`` sent, or None.
+
+    Flower reads only the first reply and crashes (500) when it is another worker's; we look
+    through all of them, which gives the same answer whenever Flower's was not a 500.
+    """
+    if not isinstance(replies, list):
+        return None
+    for reply in replies:
+        if isinstance(reply, Mapping) and worker in reply:
+            return reply[worker]
+    return None
+
+
+def reply_ok(replies: Any, worker: str) -> str | None:
+    """The worker's ``ok`` text when it accepted the command, else None.
+
+    A string reply containing ``ok`` also counts, as in Flower (``'ok' in <str>``).
+    """
+    entry = _entry(replies, worker)
+    if isinstance(entry, Mapping) and "ok" in entry:
+        return str(entry["ok"])
+    if isinstance(entry, str) and "ok" in entry:
+        return entry
+    return None
+
+
+def reply_error(replies: Any, worker: str) -> str:
+    """Why the worker refused: its ``error`` text, or Flower's ``Unknown reason``."""
+    entry = _entry(replies, worker)
+    if isinstance(entry, Mapping) and "error" in entry:
+        return str(entry["error"])
+    return UNKNOWN_REASON
+
+
+# --- simple argument checks ---------------------------------------------------------------
+
+
+def parse_signal(value: str | None) -> str:
+    """A signal name Celery's worker understands (``SIGTERM``, ``TERM``, ``9``), normalised.
+
+    Flower forwards any text and the worker then fails silently in its log; we refuse it.
+    """
+    if value is None or value == "":
+        return "SIGTERM"
+    text = value.strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text)).name
+        except ValueError:
+            raise InputError(f"Invalid signal '{value}'") from None
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    if name not in signal.Signals.__members__:
+        raise InputError(f"Invalid signal '{value}'")
+    return name
+
+
+def check_count(value: int | None, name: str, *, minimum: int = 1, maximum: int = 1000) -> int:
+    """A pool-size style integer within sane bounds (Flower took any int, even -5)."""
+    if value is None:
+        return minimum
+    if not minimum <= value <= maximum:
+        raise InputError(f"Invalid argument '{name}': must be between {minimum} and {maximum}")
+    return value
+
+
+def check_seconds(value: float | None, name: str) -> float | None:
+    """A non-negative, finite number of seconds, or None."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"Invalid argument '{name}': must be a non-negative number of seconds")
+    return value
+
+
+def check_name(value: str, what: str) -> str:
+    """A queue or task name: non-empty, printable, not absurdly long."""
+    if not value or len(value) > 512 or not value.isprintable():
+        raise InputError(f"Invalid {what} name")
+    return value
+
+
+# --- task execution bodies (spec 4.4) -----------------------------------------------------
+
+#: Options whose type we check before handing them to ``apply_async``: a wrong type there
+#: surfaced as a 500 deep inside Celery or kombu.
+_STR_OPTIONS = ("queue", "exchange", "routing_key", "task_id", "serializer", "compression")
+_INT_OPTIONS = ("priority",)
+_DICT_OPTIONS = ("headers",)
+
+
+def parse_body(raw: bytes) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """``(args, kwargs, options)`` from an execution endpoint's JSON body (Flower's rules)."""
+    if not raw.strip():
+        options: Any = {}
+    else:
+        try:
+            options = json.loads(raw)
+        except UnicodeDecodeError:
+            raise InputError("Body must be UTF-8 encoded JSON") from None
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    if not isinstance(options, dict):
+        raise InputError("invalid options")
+    args = options.pop("args", [])
+    kwargs = options.pop("kwargs", {})
+    if args is None:
+        args = []
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, list):
+        raise InputError("args must be an array")
+    if not isinstance(kwargs, dict):
+        raise InputError("kwargs must be an object")
+    return args, kwargs, options
+
+
+def _parse_date(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return datetime.strptime(value, DATE_FORMAT)
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+def normalise_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Flower's option normalisation plus type checks; any problem → ``Invalid option``."""
+    result = dict(options)
+    try:
+        if "eta" in result:
+            result["eta"] = _parse_date(result["eta"])
+        if "countdown" in result:
+            result["countdown"] = _finite(result["countdown"])
+        if "expires" in result:
+            expires = result["expires"]
+            try:
+                result["expires"] = _finite(expires)
+            except (TypeError, ValueError):
+                result["expires"] = _parse_date(expires)
+        for key in _STR_OPTIONS:
+            if key in result and not isinstance(result[key], str):
+                raise ValueError(key)
+        for key in _INT_OPTIONS:
+            if key in result and (
+                not isinstance(result[key], int)
+                or isinstance(result[key], bool)
+                or not 0 <= result[key] <= 255
+            ):
+                raise ValueError(key)
+        for key in _DICT_OPTIONS:
+            if key in result and not isinstance(result[key], dict):
+                raise ValueError(key)
+    except (TypeError, ValueError):
+        raise InputError("Invalid option") from None
+    return result
+
+
+def pop_timeout(options: dict[str, Any]) -> float | None:
+    """``apply``'s own ``timeout`` key, removed from the options (400 ``Invalid timeout``)."""
+    if "timeout" not in options:
+        return None
+    value = options.pop("timeout")
+    if value is None:
+        return None
+    try:
+        seconds = _finite(value)
+    except (TypeError, ValueError):
+        raise InputError("Invalid timeout") from None
+    if seconds < 0:
+        raise InputError("Invalid timeout")
+    return seconds
+
+
+# --- retrying a stored task ---------------------------------------------------------------
+
+
+def stored_value(text: Any, default: Any) -> Any:
+    """Rebuild args/kwargs from the repr a task event carried.
+
+    Events carry ``argsrepr``/``kwargsrepr``: Python reprs, possibly truncated by the worker
+    (``...``). Only literals can be rebuilt; anything else cannot be retried faithfully, so
+    we refuse rather than send different arguments.
+    """
+    if text is None or text == "":
+        return default
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise InputError("the task's arguments cannot be rebuilt from its events") from None
+
+
+def retry_call(
+    task: Mapping[str, Any],
+) -> tuple[str, list[Any] | tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """``(name, args, kwargs, routing options)`` to send a stored task again."""
+    name = task.get("name")
+    if not name:
+        raise InputError("the task's name is not known yet, so it cannot be retried")
+    args = stored_value(task.get("args"), [])
+    kwargs = stored_value(task.get("kwargs"), {})
+    # A tuple stays a tuple so the new task's event shows the same args repr.
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        raise InputError("the task's arguments cannot be rebuilt from its events")
+    routing: dict[str, Any] = {}
+    exchange, routing_key = task.get("exchange"), task.get("routing_key")
+    if routing_key:
+        if not exchange or exchange == routing_key:
+            # Celery's usual layout (a direct exchange named after its queue, or the
+            # default exchange): the routing key is the queue; naming it declares it too.
+            routing["queue"] = routing_key
+        else:
+            routing["exchange"] = exchange
+            routing["routing_key"] = routing_key
+    return str(name), args, kwargs, routing

