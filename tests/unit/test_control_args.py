@@ -181,6 +181,7 @@ def test_read_only_refuses_every_action(tmp_path: Path) -> None:
 
 def test_bad_arguments_are_400(harness: AppHarness) -> None:
     h = harness
+    h.services.inspector._merge("stats", {"w1": {}})  # a worker Stamen has inspected
     expected = {
         "/api/worker/pool/grow/w1?n=abc": "Invalid argument 'abc' of type 'int'",
         "/api/worker/pool/grow/w1?n=-2": "Invalid argument 'n': must be between 1 and 1000",
@@ -255,6 +256,8 @@ def test_unknown_workers_and_tasks_are_404(harness: AppHarness) -> None:
         "Unknown worker 'ghost@nowhere'",
     )
     assert _post(h, "/api/worker/pool/restart/ghost") == (404, "Unknown worker 'ghost'")
+    # The worker is checked before the arguments, as in Flower.
+    assert _post(h, "/api/worker/pool/grow/ghost?n=x") == (404, "Unknown worker 'ghost'")
     assert _post(h, "/api/task/timeout/nope?workername=w1") == (404, "Unknown task 'nope'")
     _register_add(h)
     assert _post(h, "/api/task/rate-limit/unit.add?workername=ghost&ratelimit=1/m") == (
@@ -337,3 +340,28 @@ def test_actions_are_documented_in_openapi(harness: AppHarness) -> None:
     bulk = {p["name"] for p in paths["/api/tasks/bulk/revoke"]["post"]["parameters"]}
     assert {"search", "dry_run", "limit", "terminate"} <= bulk
     assert "requestBody" in paths["/api/task/send-task/{taskname}"]["post"]
+
+
+def test_roles_and_who_reach_the_audit_log(tmp_path: Path) -> None:
+    for h in make_harness(
+        tmp_path,
+        unauthenticated_api=False,
+        basic_auth=["ann:pw-a", "bob:pw-b"],
+        admins=["ann"],
+        operators=["bob"],
+    ):
+        bob, ann = ("bob", "pw-b"), ("ann", "pw-a")
+        # An operator may act on tasks but not shut workers down.
+        refused = h.client.post("/api/worker/shutdown/w1", auth=bob)
+        assert refused.status_code == 403
+        assert "admin" in refused.text
+        assert h.client.post("/api/task/revoke/abc?signal=nope", auth=bob).status_code == 400
+        # Only admins read the audit log; it names who did what.
+        assert h.client.get("/api/audit", auth=bob).status_code == 403
+        entries = h.client.get("/api/audit", auth=ann).json()["entries"]
+        assert [(e["user"], e["action"], e["status"]) for e in entries] == [
+            ("bob", "task.revoke", 400),
+            ("bob", "worker.shutdown", 403),
+        ]
+        assert entries[0]["target"] == "abc"
+        assert entries[0]["params"] == {"signal": "nope"}

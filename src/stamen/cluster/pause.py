@@ -34,7 +34,7 @@ def queue_names(active_queues: Any) -> set[str]:
     """Names in one worker's ``active_queues`` reply."""
     if not isinstance(active_queues, list):
         return set()
-    return {q.get("name") for q in active_queues if isinstance(q, Mapping) and q.get("name")}
+    return {str(q["name"]) for q in active_queues if isinstance(q, Mapping) and q.get("name")}
 
 
 def consumers_of(replies: Any, name: str) -> list[str]:

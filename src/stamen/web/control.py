@@ -11,6 +11,9 @@ that is not in the inspector cache is inspected once before answering ``Unknown 
 (spec 12.14); ``apply`` never waits for ever, and refuses (503) instead of publishing when
 there is no result backend to wait on.
 
+Check order, as Flower: read-only mode, then the worker (404), then the arguments (400);
+for the task endpoints the required arguments, then the task, then the worker.
+
 Who may do what: ``read_only`` refuses every action (403 ``Read only mode is enabled``), then
 :func:`check_role` asks ``stamen.web.gate.require_role`` when the auth module provides it, or
 the :func:`allowed` hook otherwise.
@@ -281,6 +284,7 @@ async def _pool_size(request: Request, workername: str, grow: bool) -> Any:
     action = "worker.pool_grow" if grow else "worker.pool_shrink"
     check_role(request, OPERATOR, action)
     args = await _args(request)
+    await require_worker(services(request), workername)  # Flower: the worker, then n
     try:
         n = rules.check_count(args.get("n", int, 1), "n")
     except rules.InputError as exc:
@@ -331,6 +335,7 @@ async def pool_shrink(request: Request, workername: str) -> Any:
 async def pool_autoscale(request: Request, workername: str) -> Any:
     check_role(request, OPERATOR, "worker.autoscale")
     args = await _args(request)
+    await require_worker(services(request), workername)
     low = args.get("min", int, required=True)
     high = args.get("max", int, required=True)
     assert low is not None and high is not None
@@ -360,6 +365,7 @@ async def _consumer(request: Request, workername: str, add: bool) -> Any:
     action = "worker.add_consumer" if add else "worker.cancel_consumer"
     check_role(request, OPERATOR, action)
     args = await _args(request)
+    await require_worker(services(request), workername)
     queue = args.get("queue", required=True)
     assert queue is not None
     try:
