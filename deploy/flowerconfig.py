@@ -183,6 +183,10 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   default 1; env FLOWER_COMMIT_INTERVAL.
 # commit_interval = 1.0
 
+# on Redis, read events straight from pub/sub (same events as kombu's path, several times
+#   cheaper). Type bool, default true; env FLOWER_EVENT_FAST_PATH.
+# event_fast_path = True
+
 # also export celery-exporter's metric family (celery_task_sent_total, celery_worker_up,
 #   ...) on /metrics. Type bool, default false; env FLOWER_CELERY_EXPORTER_METRICS.
 # celery_exporter_metrics = False

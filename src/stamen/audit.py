@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from stamen.store.reader import SQL_MAX_INT
 from stamen.store.schema import ACTION_DDL, SCHEMA_VERSION
 from stamen.store.sqlite import connect
 
@@ -138,7 +139,7 @@ class ActionStore:
             rows = conn.execute(
                 f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audit_log WHERE {where} "
                 "ORDER BY id DESC LIMIT ? OFFSET ?",
-                [*params, limit, offset],
+                [*params, min(limit, SQL_MAX_INT), min(max(offset, 0), SQL_MAX_INT)],
             ).fetchall()
         entries = []
         for row in rows:

@@ -28,15 +28,15 @@ class AppHarness:
 
 
 def make_harness(tmp_path: Path, **overrides: Any) -> Iterator[AppHarness]:
+    backend = overrides.pop("backend", None)
     settings = dataclasses.replace(
         Settings(),
         persistent=True,
         db=str(tmp_path / "history.sqlite3"),
-        inspect_timeout=50.0,
         enable_events=False,
-        **{"unauthenticated_api": True, **overrides},
+        **{"inspect_timeout": 50.0, "unauthenticated_api": True, **overrides},
     )
-    app = Celery("unit", broker="memory://", backend=overrides.pop("backend", None))
+    app = Celery("unit", broker="memory://", backend=backend)
     services = Services(settings, app, ingest=False)
     with TestClient(create_app(services)) as client:
         yield AppHarness(services, client)

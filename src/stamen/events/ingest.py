@@ -26,8 +26,9 @@ from stamen.events.merge import (
     note_task_event_on_worker,
 )
 from stamen.model import CELERY_STATES
+from stamen.store import HistoryWriter
 from stamen.store.schema import FTS_COLUMNS
-from stamen.store.writer import Batch, StoreWriter
+from stamen.store.writer import Batch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Ingester:
 
     def __init__(
         self,
-        writer: StoreWriter,
+        writer: HistoryWriter,
         *,
         max_workers: int = 5000,
         cache_size: int = 20_000,

@@ -24,6 +24,8 @@ from stamen.store.sqlite import connect
 
 #: Columns a sort may use. Flower's API allows four; the datatable any task attribute.
 SORTABLE = frozenset(TASK_COLUMNS)
+#: The largest integer SQLite (and PostgreSQL's BIGINT) can bind.
+SQL_MAX_INT = 2**63 - 1
 _WORKER_COLUMNS = (*WORKER_FIELDS, "timestamp")
 _SELECT = ", ".join(f"tasks.{c}" for c in TASK_COLUMNS)
 _TEXT_SORT = frozenset(
@@ -172,7 +174,10 @@ class StoreReader:
         where, params = self._where(q)
         sql = f"SELECT {_SELECT} FROM tasks WHERE {where} ORDER BY {self._order(q)}"
         sql += " LIMIT ? OFFSET ?"
-        params += [-1 if q.limit is None else q.limit, max(q.offset, 0)]
+        # SQLite binds 64-bit integers only; no store holds more rows than that, so a larger
+        # limit means "all" and a larger offset "none", as Flower's list slicing does.
+        limit = -1 if q.limit is None else min(q.limit, SQL_MAX_INT)
+        params += [limit, min(max(q.offset, 0), SQL_MAX_INT)]
         tasks = [task_from_row(row) for row in self.conn.execute(sql, params)]
         self._fill_children(tasks)
         return tasks

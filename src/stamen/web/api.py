@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from stamen.cluster import control as rules
 from stamen.cluster.queues import UnsupportedBroker
 from stamen.events.merge import worker_alive
 from stamen.search.parser import SearchError, parse_query
@@ -216,7 +217,11 @@ def _read_result(result: AsyncResult, timeout: float | None) -> dict[str, Any]:
 async def task_result(request: Request, taskid: str) -> Any:
     svc = services(request)
     args = await Args.of(request)
-    timeout = args.get("timeout", float)
+    try:
+        # NaN or infinity would make the result backend wait for ever (a stuck request).
+        timeout = rules.check_seconds(args.get("timeout", float), "timeout")
+    except rules.InputError as exc:
+        raise ApiError(400, str(exc)) from None
     if isinstance(svc.app.backend, DisabledBackend):
         return plain(503)
     result = AsyncResult(taskid, app=svc.app)
