@@ -409,7 +409,7 @@ def main() -> int:
         default=40.0,
         help="before each measurement wait while other processes use more CPU %%",
     )
-    p.add_argument("--quiet-wait", type=float, default=20.0, help="... but at most this long")
+    p.add_argument("--quiet-wait", type=float, default=None, help="... but at most this long")
     p.add_argument("--extra-steps", type=int, default=0,
                    help="steps to try after the first failing one")  # fmt: skip
     args = p.parse_args()
@@ -423,6 +423,7 @@ def main() -> int:
         "rates": "2000,8000,32000" if quick else "2000,4000,8000,16000,32000,48000",
         "step": 3.0 if quick else 10.0,
         "catchup": 6.0 if quick else 15.0,
+        "quiet_wait": 0.0 if quick else 10.0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
