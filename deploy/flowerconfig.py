@@ -58,8 +58,8 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   FLOWER_MAX_TASKS.
 # max_tasks = 100000
 
-# history database file (<db>.sqlite3 unless it ends in .db, .sqlite or .sqlite3). Type
-#   str, default flower; env FLOWER_DB.
+# history database: a SQLite file (<db>.sqlite3 unless it ends in .db, .sqlite or
+#   .sqlite3) or a postgresql:// URL. Type str, default flower; env FLOWER_DB.
 # db = 'flower'
 
 # keep the history in --db across restarts (else a temporary file). Type bool, default

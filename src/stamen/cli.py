@@ -101,6 +101,24 @@ def _run_check(settings: Settings, invocation: Invocation) -> int | None:
     return run_check(invocation.args, quiet=invocation.quiet)
 
 
+def _run_db(settings: Settings, invocation: Invocation) -> int | None:
+    from stamen.store.manage import upgrade
+    from stamen.store.sqlite import StoreError
+
+    if invocation.args != ["upgrade"]:
+        return fail("usage: db upgrade [--db=PATH_OR_URL]")
+    from stamen.services import sqlite_path
+    from stamen.store import is_postgres_url
+
+    db = settings.db if is_postgres_url(settings.db) else sqlite_path(settings.db)
+    try:
+        sys.stdout.write(upgrade(db) + "\n")
+    except StoreError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         "demo", "serve a simulated cluster, to try Stamen without a broker", _run_demo
@@ -114,6 +132,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         takes_args=True,
         options=("user", "password", "token", "timeout"),
         flags=("require_auth", "insecure"),
+    ),
+    "db": Subcommand(
+        "db",
+        "db upgrade: create or migrate the history database named by --db (a SQLite file "
+        "or a postgresql:// URL) to this version's schema",
+        _run_db,
+        takes_args=True,
     ),
 }
 

@@ -205,7 +205,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("max_tasks", "int", 100000, "maximum number of tasks to keep in the history",
        check=_non_negative),
     _O("db", "str", "flower",
-       "history database file (<db>.sqlite3 unless it ends in .db, .sqlite or .sqlite3)"),
+       "history database: a SQLite file (<db>.sqlite3 unless it ends in .db, .sqlite or "
+       ".sqlite3) or a postgresql:// URL"),
     _O("persistent", "bool", False,
        "keep the history in --db across restarts (else a temporary file)"),
     _O("state_save_interval", "int", 0,

@@ -24,6 +24,7 @@ This page is generated from the option registry (`python -m stamen.docs_options`
 |---|---|---|---|---|
 """
 
+
 def render() -> str:
     lines = [HEADER]
     for opt in options_reference():
@@ -35,10 +36,12 @@ def render() -> str:
         lines.append(f"| {flag} | {opt['type']} | `{opt['default']}` | {env} | {meaning} |\n")
     return "".join(lines)
 
+
 def main(argv: list[str] | None = None) -> int:
     target = Path(argv[0] if argv else "docs/options.md")
     target.write_text(render())
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -23,8 +23,9 @@ from stamen.events.enabler import EventsEnabler
 from stamen.events.ingest import Ingester
 from stamen.events.receiver import EventReceiverThread
 from stamen.health import Health
-from stamen.store.reader import StoreReader
-from stamen.store.writer import StoreWriter
+from stamen.store import HistoryReader, HistoryWriter, is_postgres_url
+from stamen.store.election import IngestElection
+from stamen.store.manage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +50,25 @@ class Services:
         self.app = app
         self.health = Health()
         self._tmpdir: str | None = None
-        if settings.persistent:
+        #: Where the history lives: a PostgreSQL URL (``--persistent`` implied) or ``db_path``.
+        self.db_url: str | None = settings.db if is_postgres_url(settings.db) else None
+        if settings.persistent and self.db_url is None:
             self.db_path = sqlite_path(settings.db)
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="stamen-")
+            # With PostgreSQL this SQLite file only holds the action tables (audit log,
+            # retries, paused queues), which stay on SQLite for now.
             self.db_path = Path(self._tmpdir) / "history.sqlite3"
-        self.writer = StoreWriter(
-            self.db_path,
+        self.writer: HistoryWriter
+        self.reader: HistoryReader
+        self.writer, self.reader = open_store(
+            self.db_url or self.db_path,
             max_tasks=settings.max_tasks,
             max_task_age=settings.max_task_age,
             max_workers=settings.max_workers,
         )
-        self.reader = StoreReader(self.db_path)
         self.ingester = Ingester(self.writer, max_workers=settings.max_workers)
-        self.receiver = EventReceiverThread(
-            app,
-            self.ingester,
-            self.health,
-            commit_interval=settings.commit_interval,
-            queue_ttl=settings.event_queue_ttl,
-            queue_max_length=settings.event_queue_max_length,
-        )
+        self.receiver = self._new_receiver()
         self.enabler = EventsEnabler(app) if settings.enable_events else None
         self.inspector = Inspector(app, settings.inspect_timeout / 1000.0)
         self.queues = QueueLengths(app, settings.broker_api)
@@ -80,21 +79,69 @@ class Services:
         self._ingest = ingest
         self._started = False
         self._stopped = False
+        self._helpers_started = False
+        #: With PostgreSQL, instances share the database and race for the ingest lock;
+        #: the receiver runs only while this one holds it.
+        self.election: IngestElection | None = None
+        if self.db_url is not None and ingest:
+            self.election = IngestElection(self.writer, self._elected, self._deposed)  # type: ignore[arg-type]
 
     def start(self) -> None:
         if self._started:
             return
         self._started = True
         if self._ingest:
-            self.receiver.start()
+            if self.election is not None:
+                self.election.start()
+            else:
+                self._start_ingest()
+
+    def _start_ingest(self) -> None:
+        self.receiver.start()
+        if not self._helpers_started:
+            self._helpers_started = True
             self.pauser.start()
             if self.enabler is not None:
                 self.enabler.start()
+
+    def _elected(self) -> None:
+        """Now the ingesting instance: resume from what the previous leader stored."""
+        ingester = self.ingester
+        ingester.pending.clear()
+        ingester.cache.clear()
+        ingester.workers = self.writer.load_workers()
+        ingester.task_types = self.writer.load_task_types()
+        ingester.custom_states = self.writer.load_custom_states()
+        self._start_ingest()
+
+    def _deposed(self) -> None:
+        """Lost the lock: stop receiving; a fresh receiver waits for the next election."""
+        try:
+            self.receiver.stop()
+        except Exception:
+            log.exception("Stopping the receiver after losing the ingest lock failed")
+        self.health.store_failed("")  # a standby serves reads; its failed last flush is moot
+        self.receiver = self._new_receiver()
+
+    def _new_receiver(self) -> EventReceiverThread:
+        """A receiver thread (built anew after losing the ingest lock: threads run once)."""
+        settings = self.settings
+        return EventReceiverThread(
+            self.app,
+            self.ingester,
+            self.health,
+            commit_interval=settings.commit_interval,
+            queue_ttl=settings.event_queue_ttl,
+            queue_max_length=settings.event_queue_max_length,
+            fast_path=settings.event_fast_path,
+        )
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        if self.election is not None:
+            self.election.stop()
         if self.enabler is not None:
             self.enabler.stop()
         self.pauser.stop()

@@ -55,7 +55,7 @@ def test_subcommand_is_the_first_word() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["serve-me"], "unknown command 'serve-me' (commands: demo, check)"),
+        (["serve-me"], "unknown command 'serve-me' (commands: demo, check, db)"),
         (["demo", "extra"], "unexpected argument 'extra'"),
         (["-A"], "option -A requires a value (-A APP)"),
         (["--quiet=yes"], "option --quiet does not take a value"),
