@@ -1,7 +1,9 @@
 """Headless Chromium against the session's real Stamen and worker (Redis broker).
 
-The cluster fixtures are the integration suite's own, re-exported here so both suites
-share one Stamen and one worker per session when run together. Chromium is Debian's
+The cluster fixtures come from ``tests/conftest.py``, so both suites share one Stamen and
+one worker per session. The browser is closed when this package's tests end: Playwright's
+sync API keeps an event loop running on the main thread while it is open, which later
+``asyncio.run`` calls would trip over. Chromium is Debian's
 (``/usr/bin/chromium``) driven by Playwright; Playwright's own browser download is never
 used, so nothing is fetched at test time.
 """
@@ -15,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.integration.conftest import logs_dir, redis_cluster  # noqa: F401 - fixtures
 
 CHROMIUM = os.environ.get("STAMEN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,7 +37,7 @@ def screenshots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():

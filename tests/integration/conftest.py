@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,14 +192,7 @@ def make_client(broker: str, backend: str) -> Celery:
     return client
 
 
-@pytest.fixture(scope="session")
-def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("logs")
-    print(f"\nprocess logs: {path}")  # noqa: T201 - where to look when a test fails
-    return path
-
-
-def _start_cluster(name: str, broker: str, backend: str, logs_dir: Path) -> Iterator[Cluster]:
+def start_cluster(name: str, broker: str, backend: str, logs_dir: Path) -> Iterator[Cluster]:
     queue = f"itest-{name}-{uuid.uuid4().hex[:8]}"
     env = cluster_env(broker, backend, queue)
     stamen = StamenProcess(["-A", "tests.integration.celeryapp"], env).start(
@@ -221,17 +213,3 @@ def _start_cluster(name: str, broker: str, backend: str, logs_dir: Path) -> Iter
         worker.stop()
         stamen.stop()
         cluster.client.close()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(logs_dir: Path) -> Iterator[Cluster]:
-    yield from _start_cluster(
-        "redis", "redis://127.0.0.1:6379/7", "redis://127.0.0.1:6379/8", logs_dir
-    )
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_cluster(logs_dir: Path) -> Iterator[Cluster]:
-    yield from _start_cluster(
-        "rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", "redis://127.0.0.1:6379/9", logs_dir
-    )
