@@ -160,3 +160,26 @@ def test_custom_states_become_searchable_states(db: Path) -> None:
     assert [t["uuid"] for t in reader.list_tasks(TaskQuery(search=parse_query("progress")))] == [
         "p"
     ]
+
+
+def test_broad_search_plan_gives_the_same_page(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stamen.store.reader as reader_module
+
+    events = []
+    for i in range(60):
+        events += lifecycle(
+            f"t{i:02d}", ts=1000.0 + (i * 7919) % 60, args=f"('customer-{i}',)",
+            outcome="failed" if i % 4 == 0 else "succeeded",
+        )  # fmt: skip
+    ingest(db, events)
+    reader = StoreReader(db)
+    queries = [
+        TaskQuery(search=parse_query("customer"), limit=10),
+        TaskQuery(search=parse_query("customer state:FAILURE"), limit=5, offset=2),
+        TaskQuery(search=parse_query("customer"), sort_by="received", descending=True, limit=7),
+    ]
+    narrow = [[t["uuid"] for t in reader.list_tasks(q)] for q in queries]
+    monkeypatch.setattr(reader_module, "BROAD_MATCHES", 3)
+    broad = [[t["uuid"] for t in reader.list_tasks(q)] for q in queries]
+    assert broad == narrow
+    assert all(narrow)
