@@ -30,47 +30,9 @@ from stamen.search import (
 )
 from stamen.store.schema import DDL, FTS_COLUMNS
 from stamen.store.writer import Batch, StoreWriter
+from tests.search_cases import EXAMPLES, FIXTURE
 
 COLUMNS = ("uuid", "name", "state", "worker", "args", "kwargs", "result")
-
-FIXTURE: dict[int, dict[str, str | None]] = {
-    1: {
-        "uuid": "a1b2c3d4-0001-4000-8000-00000000f001",
-        "name": "tasks.fetch",
-        "state": "FAILURE",
-        "worker": "celery@alpha",
-        "args": "('customer-1',)",
-        "kwargs": "{'priority': 'high'}",
-        "result": "TimeoutError('timeout')",
-    },
-    2: {
-        "uuid": "a1b2c3d4-0001-4000-8000-00000000f002",
-        "name": "tasks.store",
-        "state": "SUCCESS",
-        "worker": "celery@alpha",
-        "args": "('customer-2', 10)",
-        "kwargs": "{'priority': 'low'}",
-        "result": "'stored'",
-    },
-    3: {
-        "uuid": "a1b2c3d4-0001-4000-8000-00000000f003",
-        "name": "tasks.fetch_all",
-        "state": "RETRY",
-        "worker": "celery@beta",
-        "args": "('customer-3',)",
-        "kwargs": "{'priority': 'HIGH', 'label': 'other value'}",
-        "result": "'timeout, retrying'",
-    },
-    4: {
-        "uuid": "a1b2c3d4-0001-4000-8000-00000000f004",
-        "name": "tasks.echo",
-        "state": "SUCCESS",
-        "worker": "celery@beta",
-        "args": "('hello world',)",
-        "kwargs": "{'label': 'some value', 'owner': None}",
-        "result": None,
-    },
-}
 
 
 def open_db() -> sqlite3.Connection:
@@ -135,55 +97,7 @@ def numbers(uuids: set[str]) -> set[int]:
     return {by_uuid[uuid] for uuid in uuids}
 
 
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        # The examples of spec 6.3.
-        ("customer", {1, 2, 3}),
-        ("name:fetch", {1, 3}),
-        ("state:FAILURE", {1}),
-        ("kwargs:priority=high", {1, 3}),
-        ("kwargs:priority=HIGH", {1, 3}),
-        ("customer result:timeout", {1, 3}),
-        ("(state:FAILURE OR state:RETRY) result:timeout", {1, 3}),
-        ('args:"hello world"', {4}),
-        ('kwargs:label="some value"', {4}),
-        ("result:timeout", {1, 3}),  # never the task whose result is null
-        ("NAME:tasks.fetch", {1, 3}),
-        ("uuid:abc", set()),
-        ("stateSTARTED", set()),
-        # More of the rules.
-        ("", {1, 2, 3, 4}),
-        ("state:failure", {1}),
-        ("state:FAIL", set()),
-        ("state:success", {2, 4}),
-        ("kwargs:priority=hi", set()),
-        ('kwargs:" priority = HIGH "', {1, 3}),
-        ("kwargs:owner=", {4}),
-        ("kwargs:label=", set()),
-        ("kwargs:priority", {1, 2, 3}),
-        ("kwargs:ior", {1, 2, 3}),
-        ("priority", {1, 2, 3}),
-        ("worker:alpha", {1, 2}),
-        ("celery@beta", {3, 4}),
-        ("CUSTOMER", {1, 2, 3}),
-        ("fetch OR echo", {1, 3, 4}),
-        ("echo OR fetch customer", {1, 3, 4}),
-        ("(echo OR fetch) customer", {1, 3}),
-        ("name:fetch state:RETRY", {3}),
-        ("state:RETRY OR kwargs:owner=", {3, 4}),
-        ('customer (state:SUCCESS OR kwargs:label="other value")', {2, 3}),
-        ("kwargs:priority=low OR args:hello", {2, 4}),
-        ('"timeout"', {1, 3}),
-        ('"(\'customer"', {1, 2, 3}),
-        ("'customer-", {1, 2, 3}),
-        ("{'priority'", {1, 2, 3}),
-        ("result:\"'stored'\"", {2}),
-        ("name:celery", set()),  # qualified: only that field
-        ("args:fetch", set()),
-        ("fetchfailure", set()),  # a term never spans two fields
-    ],
-)
+@pytest.mark.parametrize(("query", "expected"), EXAMPLES)
 def test_examples(db: sqlite3.Connection, query: str, expected: set[int]) -> None:
     assert numbers(search(db, query)) == expected
 

@@ -52,6 +52,21 @@ __all__ = ["compile_query", "register_functions"]
 _REPR_SENSITIVE = frozenset("'\"\\[](){},")
 _MIN_PHRASE = 3  # FTS5 trigram phrases shorter than this match nothing
 _FTS_IN = "tasks.id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)"
+
+
+def uses_fts(expr: str) -> bool:
+    """Whether a compiled condition looks anything up in the search index."""
+    return _FTS_IN in expr
+
+
+def fts_not_driving(expr: str) -> str:
+    """The same condition, but SQLite may no longer drive the query from the index.
+
+    For a broad term, walking the sort index and probing the (materialised) match set is
+    far cheaper than fetching and sorting every match; a unary ``+`` on ``tasks.id`` is
+    SQLite's way to say so. The rows selected do not change.
+    """
+    return expr.replace(_FTS_IN, "+" + _FTS_IN)
 _ASCII_LOWER = str.maketrans(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
     "abcdefghijklmnopqrstuvwxyz",
