@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stamen import docs_options
-from stamen.config import DEFAULT_CONF, OPTION_GROUPS, OPTIONS, Option
+from stamen.config.options import DEFAULT_CONF, OPTION_GROUPS, OPTIONS, Option
 
 # --- docs/api.md ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stamen.config import options_reference
+from stamen.config.options import options_reference
 
 HEADER = """# Options
 

@@ -24,6 +24,7 @@ import redis
 from celery import Celery
 
 from stamen.cluster import Inspector
+from tests.integration.conftest import stop_process
 from tests.integration.inspect_app import make_app
 from tests.integration.servers import free_port
 
@@ -80,12 +81,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
         _wait_for_worker(app, hostname, process, log)
         yield Worker(hostname, queue, app)
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
+        stop_process(process, timeout=15)
         app.close()
         with redis.Redis.from_url(REDIS_URL) as client:
             keys = list(client.scan_iter(match=f"{prefix}*"))

@@ -32,7 +32,7 @@ from joserfc.jwk import RSAKey
 from stamen.web.auth import LoginResult, OAuthProvider, load_provider, provider_of
 from stamen.web.gate import page_user
 from stamen.web.roles import Identity
-from tests.unit.conftest import AppHarness, make_harness
+from tests.unit.conftest import AppHarness, many_harnesses
 
 CLIENT_ID, CLIENT_SECRET = "stamen-client", "stamen-secret"
 
@@ -189,31 +189,27 @@ def idp() -> Iterator[LocalProvider]:
 @pytest.fixture
 def stamen(tmp_path: Path, idp: LocalProvider) -> Iterator[Any]:
     """Build an in-process Stamen with OAuth settings pointing at ``idp``."""
-    gens: list[Iterator[AppHarness]] = []
 
-    def build(**overrides: Any) -> AppHarness:
-        path = tmp_path / str(len(gens))
-        path.mkdir()
-        settings = {
-            "auth": ".*@corp.com",
-            "oauth2_key": CLIENT_ID,
-            "oauth2_secret": CLIENT_SECRET,
-            "unauthenticated_api": False,
-            **overrides,
-        }
-        gen = make_harness(path, **settings)
-        gens.append(gen)
-        h = next(gen)
-
+    def add_whoami(h: AppHarness) -> None:
         async def whoami(request: Request, user: PageUser) -> dict[str, Any]:
             return {"user": user.name, "role": user.role, "groups": list(user.groups)}
 
         h.client.app.add_api_route("/whoami", whoami, methods=["GET"])  # type: ignore[attr-defined]
-        return h
 
-    yield build
-    for gen in gens:
-        gen.close()
+    with many_harnesses(tmp_path, add_whoami) as build:
+
+        def build_oauth(**overrides: Any) -> AppHarness:
+            return build(
+                **{
+                    "auth": ".*@corp.com",
+                    "oauth2_key": CLIENT_ID,
+                    "oauth2_secret": CLIENT_SECRET,
+                    "unauthenticated_api": False,
+                    **overrides,
+                }
+            )
+
+        yield build_oauth
 
 
 def start(client: TestClient, next_url: str = "/whoami") -> httpx.Response:

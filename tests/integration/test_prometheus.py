@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT, Cluster, free_port, wait_until
+from tests.integration.conftest import ROOT, Cluster, free_port, stop_process, wait_until
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 EXAMPLE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -70,12 +70,7 @@ def prometheus(redis_cluster: Cluster, tmp_path: Path) -> Iterator[str]:
         )
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -8,7 +8,6 @@ import datetime
 import ipaddress
 import os
 import re
-import signal
 import ssl
 import stat
 import subprocess
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from stamen.web.auth import sign_value
-from tests.integration.conftest import ROOT, free_port, wait_until
+from tests.integration.conftest import ROOT, free_port, stop_process, wait_until
 
 SECRET = "transport-test-secret"
 
@@ -93,13 +92,7 @@ class Stamen:
         wait_until(ready, timeout=40, what=f"stamen ({self.log_path})")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

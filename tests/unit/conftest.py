@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,31 @@ def make_harness(tmp_path: Path, **overrides: Any) -> Iterator[AppHarness]:
     services = Services(settings, app, ingest=False)
     with TestClient(create_app(services)) as client:
         yield AppHarness(services, client)
+
+
+@contextlib.contextmanager
+def many_harnesses(
+    tmp_path: Path, setup: Callable[[AppHarness], None] | None = None
+) -> Iterator[Callable[..., AppHarness]]:
+    """A builder of apps for tests that compare settings (one app each): every app gets its
+    own folder under ``tmp_path`` and ``setup`` (extra test routes), and all close at exit."""
+    gens: list[Iterator[AppHarness]] = []
+
+    def build(**overrides: Any) -> AppHarness:
+        path = tmp_path / str(len(gens))
+        path.mkdir()
+        gen = make_harness(path, **overrides)
+        gens.append(gen)
+        harness = next(gen)
+        if setup is not None:
+            setup(harness)
+        return harness
+
+    try:
+        yield build
+    finally:
+        for gen in gens:
+            gen.close()
 
 
 @pytest.fixture

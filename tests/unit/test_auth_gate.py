@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from stamen.config import load_settings
 from stamen.web.gate import UNAUTHENTICATED_MESSAGE, page_user
 from stamen.web.roles import Identity
-from tests.unit.conftest import AppHarness, make_harness
+from tests.unit.conftest import AppHarness, many_harnesses
 
 PageUser = Annotated[Identity, Depends(page_user)]
 
@@ -37,20 +37,8 @@ def add_page(harness: AppHarness) -> None:
 
 @pytest.fixture
 def app_factory(tmp_path: Path) -> Iterator[Any]:
-    gens: list[Iterator[AppHarness]] = []
-
-    def build(**overrides: Any) -> AppHarness:
-        path = tmp_path / str(len(gens))
-        path.mkdir()
-        gen = make_harness(path, **overrides)
-        gens.append(gen)
-        harness = next(gen)
-        add_page(harness)
-        return harness
-
-    yield build
-    for gen in gens:
-        gen.close()
+    with many_harnesses(tmp_path, add_page) as build:
+        yield build
 
 
 def test_no_auth_closes_the_api_without_the_variable(app_factory: Any) -> None:

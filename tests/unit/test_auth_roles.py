@@ -14,7 +14,7 @@ from stamen.config import ConfigError, Settings, load_settings, validate_auth_pa
 from stamen.web.auth import sign_value
 from stamen.web.gate import api_gate, require_role
 from stamen.web.roles import auth_pattern_matches, role_for
-from tests.unit.conftest import AppHarness, make_harness
+from tests.unit.conftest import AppHarness, many_harnesses
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -79,16 +79,8 @@ def test_role_options_are_validated(tmp_path: Path) -> None:
 
 @pytest.fixture
 def factory(tmp_path: Path) -> Iterator[Any]:
-    gens: list[Iterator[AppHarness]] = []
-
-    def build(**overrides: Any) -> AppHarness:
-        path = tmp_path / str(len(gens))
-        path.mkdir()
-        gen = make_harness(path, **overrides)
-        gens.append(gen)
-        h = next(gen)
+    def add_role_routes(h: AppHarness) -> None:
         app = h.client.app  # type: ignore[attr-defined]
-
         for role in ("viewer", "operator", "admin"):
 
             async def action(request: Request, role: str = role) -> dict[str, Any]:
@@ -98,11 +90,9 @@ def factory(tmp_path: Path) -> Iterator[Any]:
             app.add_api_route(
                 f"/api/test/{role}", action, methods=["POST"], dependencies=[Depends(api_gate)]
             )
-        return h
 
-    yield build
-    for gen in gens:
-        gen.close()
+    with many_harnesses(tmp_path, add_role_routes) as build:
+        yield build
 
 
 def test_default_role_is_admin(factory: Any) -> None:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from stamen.web.auth import safe_next, sign_value, unsign_value
 from stamen.web.gate import UNAUTHENTICATED_MESSAGE, api_gate, csrf_token, page_user
 from stamen.web.roles import Identity
-from tests.unit.conftest import AppHarness, make_harness
+from tests.unit.conftest import AppHarness, many_harnesses
 
 PageUser = Annotated[Identity, Depends(page_user)]
 
@@ -26,14 +26,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 def factory(tmp_path: Path) -> Iterator[Any]:
-    gens: list[Iterator[AppHarness]] = []
-
-    def build(**overrides: Any) -> AppHarness:
-        path = tmp_path / str(len(gens))
-        path.mkdir()
-        gen = make_harness(path, **overrides)
-        gens.append(gen)
-        h = next(gen)
+    def add_routes(h: AppHarness) -> None:
         app = h.client.app  # type: ignore[attr-defined]
 
         async def page(request: Request, user: PageUser) -> dict[str, Any]:
@@ -44,11 +37,9 @@ def factory(tmp_path: Path) -> Iterator[Any]:
 
         app.add_api_route("/testpage", page, methods=["GET"])
         app.add_api_route("/api/test/act", act, methods=["POST"], dependencies=[Depends(api_gate)])
-        return h
 
-    yield build
-    for gen in gens:
-        gen.close()
+    with many_harnesses(tmp_path, add_routes) as build:
+        yield build
 
 
 def test_signed_values() -> None:
