@@ -3,8 +3,9 @@
     python bench/api_latency.py --quick     # Stamen 10k/100k, Flower 10k; < 2 min
     python bench/api_latency.py             # Stamen 10k/100k/1M, Flower 10k/100k; ~10 min
 
-Three queries: plain, ``&state=FAILURE`` (2% of the tasks failed) and ``&search=umbrella``
-(a word in the args and result of 1 task in 8). Each is timed sequentially (median and p95
+Four queries: plain, ``&state=FAILURE`` (2% of the tasks failed), ``&search=umbrella``
+(a word in the args and result of 1 task in 8) and ``&search=customer`` (in nearly every
+task). Each is timed sequentially (median and p95
 of N requests on one keep-alive connection) and with 16 concurrent clients (one thread and
 connection each; per-request median and p95, and requests/s overall).
 
@@ -36,6 +37,7 @@ QUERIES = {
     "plain": "/api/tasks?limit=100",
     "state=FAILURE": "/api/tasks?limit=100&state=FAILURE",
     "search=umbrella": "/api/tasks?limit=100&search=umbrella",
+    "search=customer": "/api/tasks?limit=100&search=customer",
 }
 
 

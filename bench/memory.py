@@ -5,9 +5,10 @@
 
 Each monitor starts fresh with ``--max_tasks=N`` and ingests N tasks through the broker
 (24 events a message, as workers send them, with flow control so nothing is lost); RSS is
-read once the last task shows up and a few ``/api/tasks?limit=100`` requests were served.
-``anon`` is RSS less file-backed pages: for Stamen that leaves out the memory-mapped SQLite
-file (``mmap_size``), which the kernel can drop at will; Flower has no such pages.
+read once the last task shows up and 16 concurrent clients were served ``/api/tasks?limit=100``
+pages (plain, ``state=FAILURE``, two search terms) 12 times each.
+``anon`` is RSS less file-backed pages (shared libraries; earlier Stamen versions also
+memory-mapped the SQLite file).
 
 Stamen at 1M tasks: by default its database is prefilled with 1M tasks by its own ingest
 code (``bench/fill.py``), Stamen starts on it, and then ingests 20k more tasks through the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,11 +35,28 @@ from harness import Table, exit_on_sigterm, fmt, ratio, sizes
 TOP_UP = 20_000  # tasks ingested through the broker on top of a prefilled database
 
 
+#: What the concurrent clients ask for: every kind of list page the latency bench times.
+QUERIES = (
+    "/api/tasks?limit=100",
+    "/api/tasks?limit=100&state=FAILURE",
+    "/api/tasks?limit=100&search=umbrella",
+    "/api/tasks?limit=100&search=customer",
+)
+CLIENTS = 16  # concurrent clients: the web server runs each on a thread (and connection)
+
+
 def settle(monitor: Monitor) -> dict[str, float] | None:
-    """Serve a few list requests (the page a user opens), wait a moment, read memory."""
-    with httpx.Client(base_url=monitor.url, timeout=120.0) as client:
-        for _ in range(3):
-            client.get("/api/tasks?limit=100")
+    """Serve list requests from ``CLIENTS`` concurrent clients (each reader thread opens its
+    own database connection, so this is where memory per thread shows), wait a moment,
+    read memory."""
+
+    def client_run(i: int) -> None:
+        with httpx.Client(base_url=monitor.url, timeout=120.0) as client:
+            for n in range(3 * len(QUERIES)):
+                client.get(QUERIES[(i + n) % len(QUERIES)])
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(client_run, range(CLIENTS)))
     time.sleep(1.0)
     return monitor.memory()
 

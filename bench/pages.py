@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from urllib.parse import urlencode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fill import _event
+from flower_env import free_port
 from harness import OtherCpu, Table, exit_on_sigterm, median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,12 +231,6 @@ def pick_ids(path: Path) -> dict[str, str]:
     finally:
         conn.close()
     return {"task": mid, "failed": failed, "root": root, "count": str(n), "workers": str(w)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

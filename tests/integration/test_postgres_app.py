@@ -89,8 +89,8 @@ def test_db_upgrade_command(tmp_path: Path) -> None:
 
         first = upgrade(url)
         assert first.returncode == 0, first.stderr
-        assert "schema version 0 -> 1" in first.stdout
+        assert "schema version 0 -> 2" in first.stdout
         again = upgrade(url)
         assert again.returncode == 0 and "up to date" in again.stdout
         sqlite = upgrade(str(tmp_path / "h.sqlite3"))
-        assert sqlite.returncode == 0 and "schema version 0 -> 1" in sqlite.stdout, sqlite.stderr
+        assert sqlite.returncode == 0 and "schema version 0 -> 2" in sqlite.stdout, sqlite.stderr

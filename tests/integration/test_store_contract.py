@@ -22,7 +22,9 @@ from stamen.events.ingest import Ingester
 from stamen.search.parser import SearchError, parse_query
 from stamen.store import HistoryReader, HistoryWriter
 from stamen.store.reader import StoreReader, TaskQuery
+from stamen.store.rollup import COARSE, FINE, decode_hist, runtime_bin
 from stamen.store.writer import Batch, StoreWriter
+from stamen.web import stats
 from tests.factories import (
     event,
     lifecycle,
@@ -516,6 +518,197 @@ def _shared_reader(backend: Backend) -> HistoryReader:
     return backend._reader  # type: ignore[attr-defined,no-any-return]
 
 
+# --- rollups (charts and failure groups) and backfill marks -------------------------------
+
+#: A clock near the tasks below, so the writer's pruning of old rollups keeps theirs.
+NOW = 1_700_001_600.0
+
+
+def rollup_counts(reader: HistoryReader, width: int) -> dict[tuple[float, str, str], int]:
+    """(bucket, name, state) → count of the stored task rollups of ``width``."""
+    return {
+        (float(bucket), name, state): int(count)
+        for bucket, name, state, count, _ in reader.task_rollups(width, 0.0)
+    }
+
+
+def test_rollups_count_finished_tasks_per_bucket(backend: Backend) -> None:
+    t0 = NOW - 600.0  # on a 30 s and a 30 min boundary
+    events = (
+        lifecycle("a", ts=t0)
+        + lifecycle("b", ts=t0 + 1)
+        + lifecycle("c", name="tasks.mul", ts=t0 + 40, outcome="failed")
+        + lifecycle("d", ts=t0 + 41, outcome="none")  # still running: not counted
+    )
+    ingest(backend, events, clock=lambda: NOW)
+    reader = backend.reader()
+    assert rollup_counts(reader, FINE) == {
+        (t0, "tasks.add", "SUCCESS"): 2,
+        (t0 + 30, "tasks.mul", "FAILURE"): 1,
+    }
+    assert rollup_counts(reader, COARSE) == {
+        (t0, "tasks.add", "SUCCESS"): 2,
+        (t0, "tasks.mul", "FAILURE"): 1,
+    }
+    hists = {row[1]: decode_hist(row[4]) for row in reader.task_rollups(FINE, t0)}
+    assert hists["tasks.add"] == {runtime_bin(0.49): 2}
+    data = stats.chart_data(reader, "15m", NOW)
+    assert data["finished"] == 3 and data["partial"] is False
+    assert sum(data["throughput"]) == pytest.approx(3 * 60 / 30)
+    i = data["times"].index(t0)
+    assert data["failure_rate"][i] == 0 and data["failure_rate"][i + 1] == 100
+    assert data["p50"][i] == pytest.approx(0.49, rel=0.05)
+    assert data["p50"][i + 1] is None  # a failure reports no runtime
+    types = {t["name"]: t for t in data["types"]}
+    assert types["tasks.add"]["count"] == 2 and types["tasks.mul"]["count"] == 1
+    groups = stats.failure_groups(reader, "15m", NOW)
+    assert [(g["exception_type"], g["name"], g["count"]) for g in groups] == [
+        ("KeyError", "tasks.mul", 1)
+    ]
+    assert (groups[0]["first_seen"], groups[0]["last_seen"]) == (t0 + 40.5, t0 + 40.5)
+    assert groups[0]["sample_uuid"] == "c"
+    assert groups[0]["sample_traceback"] == "Traceback...\nKeyError: 'x'"
+
+
+@pytest.mark.parametrize("cache_size", [0, 100])
+def test_a_task_that_changes_after_counting_moves_buckets(
+    backend: Backend, cache_size: int
+) -> None:
+    t0 = NOW - 600.0
+    ingester = Ingester(backend.writer(clock=lambda: NOW), cache_size=cache_size)
+    for e in lifecycle("a", ts=t0):
+        ingester.add(e)
+    ingester.flush()
+    reader = backend.reader()
+    assert rollup_counts(reader, FINE) == {(t0, "tasks.add", "SUCCESS"): 1}
+    # Retried (RETRY overrides SUCCESS) and run again, failing 100 s later: out of SUCCESS
+    # at t0, into FAILURE at t0 + 90.
+    ingester.add(event("task-retried", t0 + 60, uuid="a", hostname="w1@host"))
+    ingester.add(event("task-started", t0 + 100, uuid="a", hostname="w1@host"))
+    ingester.add(
+        event("task-failed", t0 + 101, uuid="a", hostname="w1@host", exception="OSError(5)")
+    )
+    ingester.flush()
+    assert rollup_counts(reader, FINE) == {(t0 + 90, "tasks.add", "FAILURE"): 1}
+    assert rollup_counts(reader, COARSE) == {(t0, "tasks.add", "FAILURE"): 1}
+    groups = stats.failure_groups(reader, "15m", NOW)
+    assert [(g["exception_type"], g["count"]) for g in groups] == [("OSError", 1)]
+    # Retried again: counted nowhere, and the failure group is gone.
+    ingester.add(event("task-retried", t0 + 200, uuid="a", hostname="w1@host"))
+    ingester.flush()
+    assert rollup_counts(reader, FINE) == {} and rollup_counts(reader, COARSE) == {}
+    assert stats.failure_groups(reader, "1d", NOW) == []
+
+
+def test_trimming_tasks_keeps_their_rollups(backend: Backend) -> None:
+    ingester = Ingester(backend.writer(max_tasks=5, clock=lambda: NOW))
+    for i in range(12):
+        for e in lifecycle(
+            f"t{i:02d}", ts=NOW - 300 + i, outcome="failed" if i < 4 else "succeeded"
+        ):
+            ingester.add(e)
+        ingester.flush()
+    reader = backend.reader()
+    assert reader.task_count() == 5
+    assert sum(rollup_counts(reader, COARSE).values()) == 12
+    assert stats.chart_data(reader, "1h", NOW)["finished"] == 12
+    groups = stats.failure_groups(reader, "1h", NOW)
+    assert groups[0]["count"] == 4
+    assert groups[0]["sample_uuid"] == "t03" and groups[0]["sample_exception"] is None
+
+
+def test_old_rollups_are_pruned_by_the_writer(backend: Backend) -> None:
+    clock = [NOW]
+    ingester = Ingester(backend.writer(clock=lambda: clock[0]))
+    for e in lifecycle("old", ts=NOW - 100) + lifecycle("f", ts=NOW - 100, outcome="failed"):
+        ingester.add(e)
+    ingester.flush()
+    reader = backend.reader()
+    assert sum(rollup_counts(reader, FINE).values()) == 2
+    clock[0] = NOW + 8 * 86400
+    for e in lifecycle("new", ts=clock[0] - 10):
+        ingester.add(e)
+    ingester.flush()
+    assert set(rollup_counts(reader, FINE)) == {(clock[0] - 30, "tasks.add", "SUCCESS")}
+    assert reader.failure_rollups(FINE, 0.0) == []
+
+
+def test_backfilled_tasks_are_marked(backend: Backend) -> None:
+    events = lifecycle("filled", ts=NOW - 10)
+    events[0]["stamen_backfilled"] = True
+    events += lifecycle("heard", ts=NOW - 5)
+    ingester = ingest(backend, events, max_tasks=2, clock=lambda: NOW)
+    reader = backend.reader()
+    filled, heard = reader.get_task("filled"), reader.get_task("heard")
+    assert filled is not None and filled["backfilled"] is True
+    assert heard is not None and "backfilled" not in heard
+    assert "backfilled" not in reader.list_tasks(TaskQuery())[0]
+    # Trimmed with its task: the same uuid heard of again later is not marked.
+    for e in lifecycle("newer", ts=NOW - 1) + lifecycle("newest", ts=NOW):
+        ingester.add(e)
+    ingester.flush()
+    assert reader.get_task("filled") is None
+    for e in lifecycle("filled", ts=NOW + 1):
+        ingester.add(e)
+    ingester.flush()
+    again = reader.get_task("filled")
+    assert again is not None and "backfilled" not in again
+
+
+def test_rollups_of_nul_names_and_exceptions(backend: Backend) -> None:
+    events = lifecycle("n", name="tasks.\0odd", ts=NOW - 60, outcome="failed")
+    events[-1]["exception"] = "Bad\0Error('x')"
+    ingest(backend, events, clock=lambda: NOW)
+    reader = backend.reader()
+    assert list(rollup_counts(reader, FINE).values()) == [1]
+    assert next(iter(rollup_counts(reader, FINE)))[1] == "tasks.\ufffdodd"
+    groups = stats.failure_groups(reader, "15m", NOW)
+    assert [(g["exception_type"], g["name"]) for g in groups] == [
+        ("Bad\ufffdError", "tasks.\ufffdodd")
+    ]
+    assert groups[0]["sample_traceback"] == "Traceback...\nKeyError: 'x'"
+
+
+def test_sqlite_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A version-1 SQLite file (made with the version-1 DDL) keeps its history and gets
+    rollups built from its tasks, like the PostgreSQL fixture below."""
+    import sqlite3
+
+    from stamen.store.schema import DDL, TASK_COLUMNS, V2_DDL
+
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in DDL:
+        if statement not in V2_DDL:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=1")
+    cols = ("id", "uuid", "name", "state", "timestamp", "runtime", "exception", "seq")
+    conn.executemany(
+        f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        [
+            (1, "v1-a", "tasks.add", "SUCCESS", 101.5, 0.49, None, 1),
+            (2, "v1-b", "tasks.mul", "FAILURE", 102.5, None, "KeyError('x')", 1),
+            (3, "v1-kid", "tasks.add", "SUCCESS", 103.5, 0.49, None, 1),
+            (4, "v1-p", "tasks.add", "PROGRESS", 105.0, None, None, 1),
+        ],
+    )
+    conn.execute("INSERT INTO meta (key, value) VALUES ('seq', 1)")
+    conn.close()
+    assert "traceback" in TASK_COLUMNS
+    writer = StoreWriter(path, max_tasks=10)
+    assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert (writer.seq, writer.task_count) == (1, 4)
+    writer.close()
+    reader = StoreReader(path)
+    assert_v1_fixture_rollups(reader)
+    plan = reader.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT uuid FROM tasks WHERE tasks.state = ? COLLATE NOCASE "
+        "ORDER BY tasks.received DESC, tasks.uuid DESC LIMIT 15",
+        ("FAILURE",),
+    ).fetchall()
+    assert "tasks_by_state_received" in str(plan) and "TEMP B-TREE" not in str(plan), plan
+
+
 # --- PostgreSQL only: schema versions and migrations ----------------------------------------
 
 
@@ -536,8 +729,8 @@ def test_schema_is_versioned_and_migration_is_idempotent(pg_url: str) -> None:
     with connect(pg_url) as conn:
         assert migrate(conn) == SCHEMA_VERSION
         assert migrate(conn) == SCHEMA_VERSION
-        rows = conn.execute("SELECT version FROM stamen_schema_version").fetchall()
-        assert rows == [(SCHEMA_VERSION,)]
+        rows = conn.execute("SELECT version FROM stamen_schema_version ORDER BY 1").fetchall()
+        assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
         indexes = {
             r[0]
             for r in conn.execute(
@@ -585,7 +778,7 @@ def test_the_version_1_fixture_opens_and_keeps_its_history(pg_url: str) -> None:
     load_v1_fixture(pg_url)
     writer = PostgresWriter(pg_url, max_tasks=100)
     with connect(pg_url) as conn:
-        assert schema_version(conn) == 1
+        assert schema_version(conn) == 2  # upgraded on open
         indexes = {
             r[0]
             for r in conn.execute(
@@ -613,28 +806,38 @@ def test_the_version_1_fixture_opens_and_keeps_its_history(pg_url: str) -> None:
 
 
 @pg_only
-def test_a_version_1_database_is_upgraded_in_place(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The version-1 fixture keeps its history through a later migration (a stand-in
-    version 2 here, until a real one exists)."""
+def test_a_version_1_database_is_upgraded_in_place(pg_url: str) -> None:
+    """The version-1 fixture keeps its history through the migration to version 2, which
+    builds the rollups from the stored tasks."""
     from stamen.store import postgres
     from stamen.store.postgres import PostgresReader, PostgresWriter
 
     load_v1_fixture(pg_url)
-
-    def v2(trgm: str | None) -> list[str]:
-        return ["ALTER TABLE tasks ADD COLUMN upgraded_marker integer DEFAULT 7"]
-
-    monkeypatch.setattr(postgres, "MIGRATIONS", [*postgres.MIGRATIONS, (2, v2)])
-    monkeypatch.setattr(postgres, "SCHEMA_VERSION", 2)
     writer = PostgresWriter(pg_url, max_tasks=10)
     assert postgres.schema_version(writer.conn) == 2
-    assert writer.conn.execute("SELECT DISTINCT upgraded_marker FROM tasks").fetchall() == [(7,)]
     assert writer.seq == 1 and writer.task_count == 4
     writer.close()
     reader = PostgresReader(pg_url)
     assert uuids(reader, search="tasks.mul") == ["v1-b"]
+    assert_v1_fixture_rollups(reader)
+
+
+def assert_v1_fixture_rollups(reader: HistoryReader) -> None:
+    """The rollups of the version-1 fixture's tasks (two tasks.add successes with runtime
+    0.49 finishing at 101.5 and 103.5, a tasks.mul KeyError at 102.5, one PROGRESS task)."""
+    assert rollup_counts(reader, FINE) == {
+        (90.0, "tasks.add", "SUCCESS"): 2,
+        (90.0, "tasks.mul", "FAILURE"): 1,
+    }
+    assert rollup_counts(reader, COARSE) == {
+        (0.0, "tasks.add", "SUCCESS"): 2,
+        (0.0, "tasks.mul", "FAILURE"): 1,
+    }
+    groups = stats.failure_groups(reader, "1d", 1000.0)
+    assert [(g["exception_type"], g["name"], g["count"]) for g in groups] == [
+        ("KeyError", "tasks.mul", 1)
+    ]
+    assert groups[0]["sample_uuid"] == "v1-b" and groups[0]["sample_exception"] == "KeyError('x')"
 
 
 @pg_only
@@ -651,6 +854,11 @@ def test_a_version_1_database_is_upgraded_in_place(
         (TaskQuery(workername="celery@alpha"), "tasks_by_worker"),
         (TaskQuery(taskname="tasks.fetch"), "tasks_by_name"),
         (TaskQuery(received_start=1.0, sort_by="received"), "tasks_by_received"),
+        (
+            TaskQuery(search=parse_query("state:FAILURE"), sort_by="received", limit=15),
+            "tasks_by_state_received",
+        ),
+        (TaskQuery(state="FAILURE", sort_by="received", limit=15), "tasks_by_state_received"),
         (TaskQuery(limit=10), "tasks_by_time"),
         (TaskQuery(sort_by="name", limit=10), "tasks_by_name"),
     ],
@@ -676,3 +884,24 @@ def test_postgres_queries_can_use_their_index(pg_url: str, query: TaskQuery, ind
         )
     )
     assert index in plan and "Seq Scan" not in plan, plan
+
+
+def test_changed_tasks_are_what_the_live_pages_patch(backend: Backend) -> None:
+    ingester = ingest(backend, lifecycle("a", ts=100.0) + lifecycle("b", ts=101.0))
+    reader = backend.reader()
+    before = reader.seq()
+    for e in lifecycle("c", ts=102.0, outcome="failed") + lifecycle("a", ts=103.0):
+        ingester.add(e)
+    ingester.flush()
+    changed, total = reader.changed_tasks(before, 10)
+    assert total == 2
+    assert sorted(t["uuid"] for t in changed) == ["a", "c"]
+    c = next(t for t in changed if t["uuid"] == "c")
+    assert (c["state"], c["name"], c["worker"]) == ("FAILURE", "tasks.add", "w1@host")
+    assert set(c) == {
+        "uuid", "name", "state", "received", "started", "runtime", "worker", "timestamp",
+        "retries", "root_id", "parent_id",
+    }  # fmt: skip
+    one, total = reader.changed_tasks(before, 1)
+    assert len(one) == 1 and total == 2
+    assert reader.changed_tasks(reader.seq(), 10) == ([], 0)

@@ -43,6 +43,7 @@ def test_broad_search_plan_gives_the_same_page(db: Path, monkeypatch: pytest.Mon
         )  # fmt: skip
     ingest(db, events)
     reader = StoreReader(db)
+    monkeypatch.setattr(reader_module, "WALK_SORTS", frozenset())
     queries = [
         TaskQuery(search=parse_query("customer"), limit=10),
         TaskQuery(search=parse_query("customer state:FAILURE"), limit=5, offset=2),
@@ -53,3 +54,77 @@ def test_broad_search_plan_gives_the_same_page(db: Path, monkeypatch: pytest.Mon
     broad = [[t["uuid"] for t in reader.list_tasks(q)] for q in queries]
     assert broad == narrow
     assert all(narrow)
+
+
+def test_search_walk_gives_the_exact_plans_page(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest-first walk (tiny steps, one index probe per id) pages like the exact plan,
+    whatever the order of timestamps against ids, the sort, filters and OR-ed conditions."""
+    import stamen.store.reader as reader_module
+
+    events = []
+    for i in range(80):
+        events += lifecycle(
+            f"t{i:02d}", ts=1000.0 + (i * 7919) % 80, args=f"('customer-{i % 7}',)",
+            outcome="failed" if i % 3 == 0 else "succeeded",
+        )  # fmt: skip
+    ingest(db, events)
+    reader = StoreReader(db)
+    queries = [
+        TaskQuery(search=parse_query("customer-3"), limit=4),
+        TaskQuery(search=parse_query("customer-3"), limit=3, offset=4),
+        TaskQuery(search=parse_query("customer state:FAILURE"), limit=5, offset=2),
+        TaskQuery(search=parse_query("customer-1 OR state:FAILURE"), limit=9),
+        TaskQuery(search=parse_query("fail"), limit=6),
+        TaskQuery(search=parse_query("customer-2"), state="SUCCESS", limit=50),
+        TaskQuery(search=parse_query("args:customer-4"), sort_by="started", limit=5),
+        TaskQuery(search=parse_query("customer-5"), sort_by="timestamp", descending=True, limit=4),
+        TaskQuery(search=parse_query("customer-6"), sort_by="received", limit=100),
+    ]
+    exact: list[list[str]] = []
+    with monkeypatch.context() as m:
+        m.setattr(reader_module, "WALK_SORTS", frozenset())
+        exact = [[t["uuid"] for t in reader.list_tasks(q)] for q in queries]
+    for name, value in (("WALK_FIRST", 2), ("WALK_STEP_MAX", 4), ("ID_GAP", 0)):
+        monkeypatch.setattr(reader_module, name, value)
+    walked = []
+    for q in queries:
+        where, params = reader._where(q)
+        page = reader._walk(q, where, params)
+        assert page is not None
+        walked.append([t["uuid"] for t in page])
+    assert walked == exact
+    assert all(exact)
+    assert all(int(uuid[1:]) % 7 == 3 for uuid in exact[0] + exact[1])
+
+
+def test_search_walk_hands_rare_terms_to_the_exact_plan(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stamen.store.reader as reader_module
+
+    events = []
+    for i in range(40):
+        events += lifecycle(f"t{i:02d}", ts=1000.0 + i, args=f"('item-{i}',)")
+    ingest(db, events)
+    reader = StoreReader(db)
+    monkeypatch.setattr(reader_module, "WALK_FIRST", 4)
+    monkeypatch.setattr(reader_module, "WALK_BUDGET", 20)
+    q = TaskQuery(search=parse_query("item-5"), limit=2)
+    where, params = reader._where(q)
+    assert reader._walk(q, where, params) is None  # 0 matches in 4 rows: page beyond 20 rows
+    assert [t["uuid"] for t in reader.list_tasks(q)] == ["t05"]
+
+
+def test_a_pure_search_count_from_the_index_equals_the_rows(db: Path) -> None:
+    """A lone term is counted on the search index alone; trimmed and re-indexed tasks must
+    leave it one row per stored task."""
+    events = []
+    for i in range(30):
+        events += lifecycle(f"t{i:02d}", ts=1000.0 + i, args=f"('box-{i % 4}',)")
+    ingest(db, events, max_tasks=20)
+    reader = StoreReader(db)
+    for text in ("box", "box-1", "t15", "t05", "nothing-like-it"):
+        q = TaskQuery(search=parse_query(text))
+        assert reader.count_tasks(q) == len(reader.list_tasks(q))
+    assert reader.count_tasks(TaskQuery(search=parse_query("box"))) == 20
+    assert reader.count_tasks(TaskQuery(search=parse_query("box-1"))) == 5

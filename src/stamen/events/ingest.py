@@ -27,6 +27,7 @@ from stamen.events.merge import (
 )
 from stamen.model import CELERY_STATES
 from stamen.store import HistoryWriter
+from stamen.store.rollup import Contribution, contribution
 from stamen.store.schema import FTS_COLUMNS
 from stamen.store.writer import Batch
 
@@ -37,6 +38,12 @@ _SEARCHABLE = tuple(f for f in FTS_COLUMNS if f != "uuid")
 
 def _searchable(task: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(task[f] for f in _SEARCHABLE)
+
+
+#: Task records kept for merging (about 1.5 KB each). A task's events arrive within seconds,
+#: and a record that fell out is read back from the store by uuid, so a small cache costs
+#: little ingest speed; 20,000 records cost 30 MB of RSS.
+CACHE_SIZE = 5_000
 
 
 class Ingester:
@@ -51,7 +58,7 @@ class Ingester:
         writer: HistoryWriter,
         *,
         max_workers: int = 5000,
-        cache_size: int = 20_000,
+        cache_size: int = CACHE_SIZE,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self.writer = writer
@@ -108,10 +115,15 @@ class Ingester:
         types = self.task_types
         reindex = batch.reindex
         searchable: dict[str, tuple[Any, ...]] = {}
+        # What each stored task counted in the rollups before this batch changed it.
+        counted: dict[str, Contribution | None] = {}
         for event in events:
             kind = event.get("type") or ""
             host = event.get("hostname")
-            counters[(host, kind)] = counters.get((host, kind), 0) + 1
+            # Counters count events heard from a worker; a backfilled one never was (and
+            # may not even know its worker).
+            if event.get("stamen_backfilled") is not True:
+                counters[(host, kind)] = counters.get((host, kind), 0) + 1
             group, _, subject = kind.partition("-")
             if group == "task":
                 uuid = event.get("uuid")
@@ -127,7 +139,10 @@ class Ingester:
                         reindex.add(uuid)
                     else:
                         searchable[uuid] = _searchable(task)
+                        counted[uuid] = contribution(task)
                     tasks[uuid] = task
+                if event.get("stamen_backfilled") is True:
+                    batch.backfilled.add(uuid)
                 if subject != "sent" and host is not None:
                     worker = workers.get(host)
                     if worker is None:
@@ -156,6 +171,9 @@ class Ingester:
         for uuid, before in searchable.items():
             if _searchable(tasks[uuid]) != before:
                 reindex.add(uuid)
+        rollups = batch.rollups
+        for uuid, task in tasks.items():
+            rollups.change(counted.get(uuid), contribution(task))
         if len(workers) > self.max_workers:
             self._forget_workers(batch)
         return batch

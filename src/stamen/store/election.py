@@ -8,8 +8,9 @@ others. Because the lock lives on the writer's own connection, losing it also ma
 old leader's writes fail, so there is never a moment with two writers.
 
 A takeover starts receiving events from that moment: events published while nobody led
-are not in the history (Celery events are not queued for absent receivers), which is why
-DESIGN.md pairs this with backfill from the result backend (not done yet).
+are not in the history (Celery events are not queued for absent receivers); the new
+leader's backfill (:mod:`stamen.events.backfill`) fills in how such tasks ended from the
+result backend.
 """
 
 from __future__ import annotations

@@ -40,17 +40,28 @@ import psycopg
 from stamen.model import CELERY_STATES, WORKER_FIELDS
 from stamen.search.pg import SEARCH_TEXT, ascii_lower, compile_query, has_kwargs_pair, nocase_c
 from stamen.search.sql import _cached_pairs
-from stamen.store.reader import SORTABLE, SQL_MAX_INT, TaskQuery, task_from_row
+from stamen.store.reader import (
+    LIVE_TASK_COLUMNS,
+    SORTABLE,
+    SQL_MAX_INT,
+    WORKFLOW_COLUMNS,
+    FailureRow,
+    RollupRow,
+    TaskQuery,
+    task_from_row,
+)
+from stamen.store.rollup import KEEP_SECONDS, delta_of
+from stamen.store.rollup_sql import apply_rollups, prune_rollups
 from stamen.store.schema import TASK_COLUMNS
 from stamen.store.sqlite import StoreError
-from stamen.store.writer import Batch, Trimmed
+from stamen.store.writer import PRUNE_EVERY, Batch, Trimmed
 
 log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 
 #: The newest schema version this Stamen knows.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _FLOAT_COLUMNS = frozenset(
     {"received", "sent", "started", "rejected", "succeeded", "failed", "retried", "revoked"}
@@ -173,9 +184,54 @@ def _v1(trgm: str | None) -> list[str]:
     return statements
 
 
+def _v2(trgm: str | None) -> list[str]:
+    """Version 2: the rollups of the charts and failures pages (built from the stored tasks
+    by ``_build_rollups`` after this runs), the index for a state filter sorted by received
+    time, and the marks of backfilled tasks."""
+    return [
+        """
+        CREATE TABLE task_rollups (
+            width integer NOT NULL,
+            bucket double precision NOT NULL,
+            name text NOT NULL,
+            state text NOT NULL,
+            count bigint NOT NULL,
+            hist text NOT NULL,
+            PRIMARY KEY (width, bucket, name, state)
+        )
+        """,
+        """
+        CREATE TABLE failure_rollups (
+            width integer NOT NULL,
+            bucket double precision NOT NULL,
+            exception_type text NOT NULL,
+            name text NOT NULL,
+            count bigint NOT NULL,
+            first_seen double precision,
+            last_seen double precision,
+            sample_uuid text,
+            PRIMARY KEY (width, bucket, exception_type, name)
+        )
+        """,
+        "CREATE TABLE backfilled (uuid text PRIMARY KEY, at double precision NOT NULL)",
+        f"CREATE INDEX tasks_by_state_received ON tasks ({nocase_c('state')} NULLS FIRST, "
+        'received NULLS FIRST, uuid COLLATE "C")',
+    ]
+
+
 #: ``(version, statements(trgm_opclass_or_None))`` in order; append, never edit, so that a
 #: database made by any older Stamen upgrades in place.
-MIGRATIONS: list[tuple[int, Callable[[str | None], list[str]]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[str | None], list[str]]]] = [(1, _v1), (2, _v2)]
+
+
+def _build_rollups(conn: psycopg.Connection[Any]) -> None:
+    """Compute the rollups from the stored finished tasks (upgrading to version 2)."""
+    cols = ("uuid", "name", "state", "timestamp", "runtime", "exception")
+    # A server-side cursor: the tasks stream through in chunks rather than all at once.
+    with conn.cursor(name="stamen_build_rollups") as rows:
+        rows.execute(f"SELECT {', '.join(cols)} FROM tasks WHERE state IN ('SUCCESS', 'FAILURE')")
+        delta = delta_of(dict(zip(cols, r, strict=True)) for r in rows)
+    apply_rollups(conn.cursor(), delta, "%s")
 
 
 def _search_indexes(trgm: str) -> list[str]:
@@ -238,6 +294,8 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
                 continue
             for statement in statements(trgm):
                 conn.execute(statement)
+            if target == 2:
+                _build_rollups(conn)
             conn.execute(
                 "INSERT INTO stamen_schema_version (version, applied_at) VALUES (%s, %s)",
                 (target, time.time()),
@@ -361,6 +419,7 @@ class PostgresWriter:
         self.max_workers = max_workers
         self._clock = clock
         self._ingest_key = _lock_key(self.conn, "ingest")
+        self._pruned_at = 0.0
         self.seq = 0
         self.task_count = 0
         self._next_id = 1
@@ -466,6 +525,7 @@ class PostgresWriter:
                 cur = self.conn.cursor()
                 if batch.tasks:
                     self._write_tasks(cur, batch, seq)
+                self._write_rollups(cur, batch)
                 if batch.workers:
                     cur.executemany(
                         _WORKER_INSERT,
@@ -522,6 +582,23 @@ class PostgresWriter:
         cur.executemany(_TASK_INSERT, rows)
         self.task_count += batch.new_tasks
 
+    def _write_rollups(self, cur: psycopg.Cursor[Any], batch: Batch) -> None:
+        """Apply the batch's rollup change and backfill marks; prune old rollups hourly."""
+        if batch.rollups:
+            for group in batch.rollups.failures.values():
+                group.sample_uuid = _text(group.sample_uuid)  # as the task's uuid is stored
+            apply_rollups(cur, batch.rollups, "%s")
+        if batch.backfilled:
+            now = self._clock()
+            cur.executemany(
+                "INSERT INTO backfilled (uuid, at) VALUES (%s, %s) ON CONFLICT (uuid) DO NOTHING",
+                [(_text(uuid), now) for uuid in sorted(batch.backfilled)],
+            )
+        now = self._clock()
+        if now - self._pruned_at >= PRUNE_EVERY:
+            prune_rollups(cur, now - KEEP_SECONDS, "%s")
+            self._pruned_at = now
+
     def _trim(self, cur: psycopg.Cursor[Any]) -> list[str]:
         """Drop the least recently updated tasks beyond the count and age limits."""
         removed: list[str] = []
@@ -542,6 +619,8 @@ class PostgresWriter:
             ).fetchall()
             removed += [r[0] for r in rows]
             self.task_count -= len(rows)
+        if removed:
+            cur.execute("DELETE FROM backfilled WHERE uuid = ANY(%s)", (removed,))
         return removed
 
     def trim_workers(self, keep: Mapping[str, Any]) -> None:
@@ -683,6 +762,9 @@ class PostgresReader:
             return None
         task = task_from_row(row)
         self._fill_children([task])
+        marked = self.raw.execute("SELECT 1 FROM backfilled WHERE uuid = %s", (_text(uuid),))
+        if marked.fetchone():
+            task["backfilled"] = True
         return task
 
     def _fill_children(self, tasks: list[dict[str, Any]]) -> None:
@@ -717,3 +799,95 @@ class PostgresReader:
         ):
             found.setdefault(host, {})[kind] = int(count)
         return found
+
+    def task_rollups(self, width: int, start: float) -> list[RollupRow]:
+        """Task rollup rows of bucket width ``width`` from the bucket starting at ``start``."""
+        return self.raw.execute(
+            "SELECT bucket, name, state, count, hist FROM task_rollups "
+            "WHERE width = %s AND bucket >= %s",
+            (width, start),
+        ).fetchall()
+
+    def failure_rollups(self, width: int, start: float) -> list[FailureRow]:
+        """Failure group rows of bucket width ``width`` from the bucket starting at ``start``."""
+        return self.raw.execute(
+            "SELECT bucket, exception_type, name, count, first_seen, last_seen, sample_uuid "
+            "FROM failure_rollups WHERE width = %s AND bucket >= %s",
+            (width, start),
+        ).fetchall()
+
+    def task_exceptions(self, uuids: Iterable[str]) -> dict[str, tuple[Any, Any]]:
+        """(exception, traceback) of those of ``uuids`` still stored."""
+        ids = [_text(u) for u in uuids]
+        if not ids:
+            return {}
+        rows = self.raw.execute(
+            "SELECT uuid, exception, traceback FROM tasks WHERE uuid = ANY(%s)", (ids,)
+        )
+        return {uuid: (exception, traceback) for uuid, exception, traceback in rows}
+
+    def workflow_rows(self, taskid: str, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
+        """The root id of ``taskid``'s workflow and up to ``limit`` of its tasks."""
+        row = self.raw.execute(
+            "SELECT root_id FROM tasks WHERE uuid = %s", (_text(taskid),)
+        ).fetchone()
+        if row is None:
+            return None
+        root_id = row[0] or _text(taskid)
+        cols = ", ".join(WORKFLOW_COLUMNS)
+        rows = self.raw.execute(
+            f"SELECT {cols} FROM tasks WHERE root_id = %s "
+            f"UNION SELECT {cols} FROM tasks WHERE uuid = %s LIMIT %s",
+            (root_id, root_id, limit),
+        ).fetchall()
+        return root_id, [dict(zip(WORKFLOW_COLUMNS, r, strict=True)) for r in rows]
+
+    # What ``/metrics`` computes at scrape time.
+
+    def sent_times(self, uuids: Iterable[str]) -> dict[str, float]:
+        """``task-sent`` time of those of ``uuids`` stored with one."""
+        ids = [_text(u) for u in uuids]
+        if not ids:
+            return {}
+        rows = self.raw.execute(
+            "SELECT uuid, sent FROM tasks WHERE uuid = ANY(%s) AND sent IS NOT NULL", (ids,)
+        )
+        return {uuid: float(sent) for uuid, sent in rows}
+
+    def time_span(self) -> tuple[float | None, float | None]:
+        """Timestamps of the oldest and newest task kept (``None`` when empty); both ends
+        of ``tasks_by_time``."""
+        row = self.raw.execute("SELECT min(timestamp), max(timestamp) FROM tasks").fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def state_counts(self) -> list[tuple[str, int]]:
+        """Tasks per state (states differing in ASCII case count as one, named by the first
+        spelling in code point order), in case-folded order, as the SQLite store gives them."""
+        groups: dict[str, list[Any]] = {}
+        for state, n in self.raw.execute(
+            "SELECT state, count(*) FROM tasks WHERE state IS NOT NULL GROUP BY state "
+            'ORDER BY state COLLATE "C"'
+        ):
+            group = groups.setdefault(ascii_lower(state), [state, 0])
+            group[1] += int(n)
+        return [(str(state), n) for _, (state, n) in sorted(groups.items())]
+
+    def size_bytes(self) -> int:
+        """Bytes the history's schema takes on the server: every table with its indexes."""
+        row = self.raw.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def changed_tasks(self, since: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The newest ``limit`` tasks written after change number ``since`` (the live pages'
+        columns only) and how many there are, counted up to ``limit + 1``; ``tasks_by_seq``
+        serves it."""
+        cols = ", ".join(LIVE_TASK_COLUMNS)
+        rows = self.raw.execute(
+            f"SELECT {cols} FROM tasks WHERE seq > %s ORDER BY seq DESC LIMIT %s",
+            (since, limit + 1),
+        ).fetchall()
+        tasks = [dict(zip(LIVE_TASK_COLUMNS, r, strict=True)) for r in rows[:limit]]
+        return tasks, len(rows)

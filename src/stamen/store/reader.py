@@ -8,9 +8,11 @@ and search terms go through the FTS5 trigram index.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,15 @@ import orjson
 
 from stamen.model import CELERY_STATES, WORKER_FIELDS
 from stamen.search.parser import Node
-from stamen.search.sql import compile_query, fts_not_driving, uses_fts
+from stamen.search.sql import (
+    compile_query,
+    counts_as_fts,
+    fts_not_driving,
+    fts_slots,
+    is_lookup,
+    uses_fts,
+    with_id_sets,
+)
 from stamen.store.schema import TASK_COLUMNS
 from stamen.store.sqlite import connect
 
@@ -51,6 +61,41 @@ _TEXT_SORT = frozenset(
 
 #: From this many matches on, walking the sort index beats fetching and sorting them all.
 BROAD_MATCHES = 5000
+#: Sorts a search page may walk in order (either way): each has an index on (column, uuid).
+WALK_SORTS = frozenset({None, "timestamp", "received", "started"})
+#: Rows of the sort order the first step of a walk looks at at least (four times the rows
+#: the page needs if more); each step doubles it...
+WALK_FIRST = 1000
+#: ...up to this many.
+WALK_STEP_MAX = 16_000
+#: Rows a walk may look at; it hands over to the exact plan as soon as the matches seen
+#: so far say it would need more (a term that rare is cheap to fetch whole).
+WALK_BUDGET = 100_000
+#: Task ids closer than this share one search-index probe (``rowid BETWEEN``).
+ID_GAP = 256
+#: Columns of the tasks ``workflow_rows`` returns.
+WORKFLOW_COLUMNS = ("uuid", "name", "state", "parent_id", "root_id", "received", "runtime")
+#: (bucket, name, state, count, histogram text) of ``task_rollups``.
+RollupRow = tuple[float, str, str, int, str]
+#: (bucket, exception type, name, count, first seen, last seen, sample uuid).
+FailureRow = tuple[float, str, str, int, float | None, float | None, str | None]
+
+
+_JSON_IDS = "SELECT value FROM json_each(?)"
+
+
+def _id_ranges(ids: list[int]) -> list[tuple[int, int]]:
+    """``ids`` as few ``(low, high)`` ranges, splitting where consecutive ids are far apart."""
+    ordered = sorted(ids)
+    ranges: list[tuple[int, int]] = []
+    low = high = ordered[0]
+    for i in ordered[1:]:
+        if i - high > ID_GAP:
+            ranges.append((low, high))
+            low = i
+        high = i
+    ranges.append((low, high))
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -176,6 +221,10 @@ class StoreReader:
         if q.limit is not None and q.limit <= 0:
             return []
         where, params = self._where(q)
+        if uses_fts(where) and q.limit is not None and q.sort_by in WALK_SORTS:
+            page = self._walk(q, where, params)
+            if page is not None:
+                return page
         if uses_fts(where) and self._matches_many(where, params):
             # A broad term: a page in tens of ms instead of sorting every match (about a
             # second for 80k matches in 1M tasks).
@@ -190,6 +239,88 @@ class StoreReader:
         self._fill_children(tasks)
         return tasks
 
+    def _walk(self, q: TaskQuery, where: str, params: list[Any]) -> list[dict[str, Any]] | None:
+        """A search page found by walking the sort order in growing steps.
+
+        Each step asks the search index only about the step's rows (by rowid ranges), so a
+        term matching most of a big history costs about as much as a plain page. The rows
+        and their order are those of the exact plan: the walk keeps the sort order's rows
+        that satisfy the whole condition, in one read snapshot. ``None`` when the matches
+        seen so far say the page lies beyond ``WALK_BUDGET`` rows: the exact plan is cheap
+        for so rare a term.
+        """
+        assert q.limit is not None
+        need = max(q.offset, 0) + q.limit
+        if need > WALK_BUDGET:
+            return None
+        base, base_params = self._where(replace(q, search=None))
+        walk_sql = (
+            f"SELECT tasks.id FROM tasks WHERE {base} ORDER BY {self._order(q)} LIMIT ? OFFSET ?"
+        )
+        slots = fts_slots(where)
+        # A lone lookup needs no check beyond the index's answer.
+        check_sql = (
+            None
+            if is_lookup(where)
+            else f"SELECT tasks.id FROM tasks WHERE tasks.id IN ({_JSON_IDS}) "
+            f"AND {with_id_sets(where)}"
+        )
+        conn = self.conn
+        found: list[int] = []
+        walked, step = 0, min(max(WALK_FIRST, 4 * need), WALK_STEP_MAX)
+        conn.execute("BEGIN")
+        try:
+            while len(found) < need:
+                ids = [r[0] for r in conn.execute(walk_sql, [*base_params, step, walked])]
+                walked += len(ids)
+                found += self._matching(ids, check_sql, params, slots)
+                if len(ids) < step:
+                    break
+                # Rows still to walk at the density seen so far (one match if none yet).
+                ahead = (need - len(found)) * walked / max(len(found), 1)
+                if len(found) < need and walked + ahead > WALK_BUDGET:
+                    return None
+                step = min(step * 2, WALK_STEP_MAX)
+            page = found[max(q.offset, 0) : need]
+            rows = conn.execute(
+                f"SELECT {_SELECT}, tasks.id FROM tasks WHERE tasks.id IN ({_JSON_IDS})",
+                [orjson.dumps(page).decode()],
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        by_id = {row[-1]: row[:-1] for row in rows}
+        tasks = [task_from_row(by_id[i]) for i in page]
+        self._fill_children(tasks)
+        return tasks
+
+    def _matching(
+        self, ids: list[int], check_sql: str | None, params: list[Any], slots: list[int]
+    ) -> list[int]:
+        """Those of ``ids`` (in their order) that satisfy the condition ``check_sql`` was
+        made from; its search-index lookups are asked about these ids' ranges only."""
+        if not ids:
+            return []
+        ranges = _id_ranges(ids)
+        values = list(params)
+        for slot in slots:
+            hits: list[int] = []
+            for low, high in ranges:
+                hits += [
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ? "
+                        "AND rowid BETWEEN ? AND ?",
+                        (params[slot], low, high),
+                    )
+                ]
+            if check_sql is None:
+                ok = set(hits)
+                return [i for i in ids if i in ok]
+            values[slot] = orjson.dumps(hits).decode()
+        assert check_sql is not None
+        ok = {r[0] for r in self.conn.execute(check_sql, [orjson.dumps(ids).decode(), *values])}
+        return [i for i in ids if i in ok]
+
     def _matches_many(self, where: str, params: list[Any]) -> bool:
         """Whether at least ``BROAD_MATCHES`` tasks match (stops counting there: cheap)."""
         found = self.conn.execute(
@@ -202,9 +333,8 @@ class StoreReader:
         where, params = self._where(q)
         if where == "1":
             return self.task_count()
-        return int(
-            self.conn.execute(f"SELECT count(*) FROM tasks WHERE {where}", params).fetchone()[0]
-        )
+        sql = counts_as_fts(where) or f"SELECT count(*) FROM tasks WHERE {where}"
+        return int(self.conn.execute(sql, params).fetchone()[0])
 
     def get_task(self, uuid: str) -> dict[str, Any] | None:
         row = self.conn.execute(f"SELECT {_SELECT} FROM tasks WHERE uuid = ?", (uuid,)).fetchone()
@@ -212,6 +342,8 @@ class StoreReader:
             return None
         task = task_from_row(row)
         self._fill_children([task])
+        if self.conn.execute("SELECT 1 FROM backfilled WHERE uuid = ?", (uuid,)).fetchone():
+            task["backfilled"] = True
         return task
 
     def _fill_children(self, tasks: list[dict[str, Any]]) -> None:
@@ -253,3 +385,114 @@ class StoreReader:
         ):
             found.setdefault(host, {})[kind] = count
         return found
+
+    # Rollups and workflows (stamen.web.stats).
+
+    def task_rollups(self, width: int, start: float) -> list[RollupRow]:
+        """Task rollup rows of bucket width ``width`` from the bucket starting at ``start``:
+        (bucket, name, state, count, encoded histogram)."""
+        return self.conn.execute(
+            "SELECT bucket, name, state, count, hist FROM task_rollups "
+            "WHERE width = ? AND bucket >= ?",
+            (width, start),
+        ).fetchall()
+
+    def failure_rollups(self, width: int, start: float) -> list[FailureRow]:
+        """Failure group rows of bucket width ``width`` from the bucket starting at ``start``:
+        (bucket, exception type, name, count, first seen, last seen, sample uuid)."""
+        return self.conn.execute(
+            "SELECT bucket, exception_type, name, count, first_seen, last_seen, sample_uuid "
+            "FROM failure_rollups WHERE width = ? AND bucket >= ?",
+            (width, start),
+        ).fetchall()
+
+    def task_exceptions(self, uuids: Iterable[str]) -> dict[str, tuple[Any, Any]]:
+        """(exception, traceback) of those of ``uuids`` still stored."""
+        found: dict[str, tuple[Any, Any]] = {}
+        ids = list(uuids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for uuid, exception, traceback in self.conn.execute(
+                f"SELECT uuid, exception, traceback FROM tasks WHERE uuid IN ({marks})", chunk
+            ):
+                found[uuid] = (exception, traceback)
+        return found
+
+    def workflow_rows(self, taskid: str, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
+        """The root id of ``taskid``'s workflow and up to ``limit`` of its tasks (the root's
+        own row included), each with ``WORKFLOW_COLUMNS``; ``None`` if the task is unknown."""
+        row = self.conn.execute("SELECT root_id FROM tasks WHERE uuid = ?", (taskid,)).fetchone()
+        if row is None:
+            return None
+        root_id = row[0] or taskid
+        cols = ", ".join(WORKFLOW_COLUMNS)
+        rows = self.conn.execute(
+            f"SELECT {cols} FROM tasks WHERE root_id = ? "
+            f"UNION SELECT {cols} FROM tasks WHERE uuid = ? LIMIT ?",
+            (root_id, root_id, limit),
+        ).fetchall()
+        return root_id, [dict(zip(WORKFLOW_COLUMNS, r, strict=True)) for r in rows]
+
+    # What ``/metrics`` computes at scrape time.
+
+    def sent_times(self, uuids: Iterable[str]) -> dict[str, float]:
+        """``task-sent`` time of those of ``uuids`` stored with one."""
+        found: dict[str, float] = {}
+        ids = list(uuids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for uuid, sent in self.conn.execute(
+                f"SELECT uuid, sent FROM tasks WHERE uuid IN ({marks}) AND sent IS NOT NULL",
+                chunk,
+            ):
+                found[uuid] = float(sent)
+        return found
+
+    def time_span(self) -> tuple[float | None, float | None]:
+        """Timestamps of the oldest and newest task kept (``None`` when empty); two queries,
+        as SQLite reads a lone ``min``/``max`` off the index but scans for both at once."""
+        oldest = self.conn.execute("SELECT min(timestamp) FROM tasks").fetchone()[0]
+        newest = self.conn.execute("SELECT max(timestamp) FROM tasks").fetchone()[0]
+        return oldest, newest
+
+    def state_counts(self) -> list[tuple[str, int]]:
+        """Tasks per state (states differing in case count as one), in state order; an
+        index-only scan of ``tasks_by_state``, no table rows read."""
+        return [
+            (str(state), int(n))
+            for state, n in self.conn.execute(
+                "SELECT state, count(*) FROM tasks INDEXED BY tasks_by_state "
+                "GROUP BY state COLLATE NOCASE ORDER BY state COLLATE NOCASE"
+            )
+            if state is not None
+        ]
+
+    def size_bytes(self) -> int:
+        """Bytes the history takes on disk: the database file and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(f"{self.path}{suffix}")
+        return total
+
+    def changed_tasks(self, since: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The newest ``limit`` tasks written after change number ``since`` (the live pages'
+        patch: :data:`LIVE_TASK_COLUMNS` only), and how many of them there are, counted up
+        to ``limit + 1`` so that a burst costs no more than one page; ``tasks_by_seq``
+        serves it."""
+        cols = ", ".join(LIVE_TASK_COLUMNS)
+        rows = self.conn.execute(
+            f"SELECT {cols} FROM tasks WHERE seq > ? ORDER BY seq DESC LIMIT ?", (since, limit + 1)
+        ).fetchall()
+        tasks = [dict(zip(LIVE_TASK_COLUMNS, r, strict=True)) for r in rows[:limit]]
+        return tasks, len(rows)
+
+
+#: Columns :meth:`StoreReader.changed_tasks` returns: what a task-list row or a task page
+#: needs to patch itself.
+LIVE_TASK_COLUMNS = (
+    "uuid", "name", "state", "received", "started", "runtime", "worker", "timestamp",
+    "retries", "root_id", "parent_id",
+)  # fmt: skip

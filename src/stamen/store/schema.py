@@ -6,11 +6,16 @@ over the text fields that plain search terms and ``name:``/``worker:``/``args:``
 ``kwargs:``/``result:`` qualifiers look into; its rowid is ``tasks.id``. The writer keeps
 it in step itself, in bulk and only for rows whose indexed text changed: per-row triggers
 cost five times as much on the ingest path.
+
+Version 2 added the rollups the writer keeps for the charts and failures pages
+(``task_rollups``, ``failure_rollups``; see ``stamen.store.rollup``), the index for a state
+filter sorted by received time, and ``backfilled``, the tasks filled in from the result
+backend rather than from events.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Columns of the ``tasks`` table after ``id``, in Celery's field order.
 TASK_COLUMNS: tuple[str, ...] = (
@@ -117,3 +122,41 @@ ACTION_DDL: tuple[str, ...] = (
     """,
 )
 DDL += ACTION_DDL
+
+#: What version 2 added; ``migrate`` runs these on a version-1 database and then builds the
+#: rollups from the stored tasks.
+V2_DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS task_rollups (
+        width INTEGER NOT NULL,
+        bucket REAL NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        hist TEXT NOT NULL,
+        PRIMARY KEY (width, bucket, name, state)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS failure_rollups (
+        width INTEGER NOT NULL,
+        bucket REAL NOT NULL,
+        exception_type TEXT NOT NULL,
+        name TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen REAL,
+        last_seen REAL,
+        sample_uuid TEXT,
+        PRIMARY KEY (width, bucket, exception_type, name)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS backfilled (
+        uuid TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS tasks_by_state_received ON tasks "
+    "(state COLLATE NOCASE, received, uuid)",
+)
+DDL += V2_DDL

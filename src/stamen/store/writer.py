@@ -4,6 +4,11 @@ Ingest hands it whole batches (every task and worker a burst of events touched, 
 merged), so a burst of events costs one transaction (DESIGN rule 4). Each batch gets the
 next change sequence number (rule 2), and the history is trimmed to ``max_tasks`` and
 ``max_task_age`` here (rule 6), so nobody else ever deletes.
+
+The charts' and failures' rollups change in the same transaction as the task rows (ingest
+works out the net change, ``Batch.rollups``). Trimming tasks leaves them alone, so charts
+show true throughput whatever ``max_tasks`` keeps; rollups older than the longest range
+are deleted instead, at most every ``PRUNE_EVERY`` seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 import orjson
 
 from stamen.model import WORKER_FIELDS
+from stamen.store.rollup import KEEP_SECONDS, RollupDelta
+from stamen.store.rollup_sql import apply_rollups, prune_rollups
 from stamen.store.schema import FTS_COLUMNS, TASK_COLUMNS
 from stamen.store.sqlite import connect, migrate
 
@@ -40,6 +47,8 @@ _FTS_INSERT = (
     f"VALUES ({', '.join('?' * (len(FTS_COLUMNS) + 1))})"
 )
 _SCALARS = (str, int, float, type(None))
+#: Seconds between deletions of rollups older than the longest range.
+PRUNE_EVERY = 3600.0
 
 
 def _column_value(value: Any) -> Any:
@@ -65,6 +74,10 @@ class Batch:
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     task_types: set[str] = field(default_factory=set)
     custom_states: list[str] = field(default_factory=list)
+    #: Net change of the charts' and failures' rollups (ingest computes it).
+    rollups: RollupDelta = field(default_factory=RollupDelta)
+    #: uuids of tasks filled in by backfill (from the result backend), not by events.
+    backfilled: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.workers or self.counters or self.task_types)
@@ -95,6 +108,7 @@ class StoreWriter:
         self.max_task_age = max_task_age
         self.max_workers = max_workers
         self._clock = clock
+        self._pruned_at = 0.0
         self.seq = self._meta("seq", 0)
         self._next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         self.task_count = self.conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
@@ -163,6 +177,7 @@ class StoreWriter:
         try:
             if batch.tasks:
                 self._write_tasks(batch, seq)
+            self._write_rollups(batch)
             if batch.workers:
                 conn.executemany(
                     _WORKER_INSERT,
@@ -195,6 +210,7 @@ class StoreWriter:
 
     def _write_tasks(self, batch: Batch, seq: int) -> None:
         rows = []
+        first_new = self._next_id
         for task in batch.tasks.values():
             task_id = task.get("id")
             if task_id is None:
@@ -209,13 +225,30 @@ class StoreWriter:
             # FTS5 flushes its pending terms whenever a rowid goes backwards: keep them
             # ascending, which makes indexing several times cheaper.
             changed = sorted((batch.tasks[uuid] for uuid in batch.reindex), key=_by_id)
+            # Rows new in this batch are not in the index yet: only older ones are removed.
             self.conn.executemany(
-                "DELETE FROM tasks_fts WHERE rowid = ?", [(t["id"],) for t in changed]
+                "DELETE FROM tasks_fts WHERE rowid = ?",
+                [(t["id"],) for t in changed if t["id"] < first_new],
             )
             self.conn.executemany(
                 _FTS_INSERT,
                 [(t["id"], *[_column_value(t.get(c)) for c in FTS_COLUMNS]) for t in changed],
             )
+
+    def _write_rollups(self, batch: Batch) -> None:
+        """Apply the batch's rollup change and backfill marks; prune old rollups hourly."""
+        if batch.rollups:
+            apply_rollups(self.conn, batch.rollups, "?")
+        if batch.backfilled:
+            now = self._clock()
+            self.conn.executemany(
+                "INSERT INTO backfilled (uuid, at) VALUES (?, ?) ON CONFLICT (uuid) DO NOTHING",
+                [(uuid, now) for uuid in sorted(batch.backfilled)],
+            )
+        now = self._clock()
+        if now - self._pruned_at >= PRUNE_EVERY:
+            prune_rollups(self.conn, now - KEEP_SECONDS, "?")
+            self._pruned_at = now
 
     def _trim(self) -> list[str]:
         """Drop the least recently updated tasks beyond the count and age limits."""
@@ -242,6 +275,7 @@ class StoreWriter:
     def _unindex(self, rows: list[tuple[int, str]]) -> list[str]:
         """Remove deleted tasks from the search index; returns their uuids."""
         self.conn.executemany("DELETE FROM tasks_fts WHERE rowid = ?", [(r[0],) for r in rows])
+        self.conn.executemany("DELETE FROM backfilled WHERE uuid = ?", [(r[1],) for r in rows])
         return [r[1] for r in rows]
 
     def trim_workers(self, keep: Mapping[str, Any]) -> None:

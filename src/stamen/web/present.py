@@ -145,11 +145,3 @@ def timeline(task: Mapping[str, Any]) -> list[tuple[str, float]]:
             steps.append((float(value), rank, state))
     steps.sort()
     return [(state, at) for at, _, state in steps]
-
-
-def exception_type(exception: str | None) -> str:
-    """``KeyError('foo')`` → ``KeyError``: what failures are grouped by."""
-    if not exception:
-        return "(unknown)"
-    head = exception.split("(", 1)[0].strip()
-    return head or "(unknown)"

@@ -1,0 +1,54 @@
+"""The reader queries ``/metrics`` makes at scrape time agree on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import pgutil
+from tests.integration.test_store_contract import Backend, write_rows
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        made = Backend("sqlite", str(tmp_path / "history.sqlite3"))
+        yield made
+        made.close()
+        return
+    with pgutil.temp_schema() as url:
+        made = Backend("postgres", url)
+        try:
+            yield made
+        finally:
+            made.close()
+
+
+def test_an_empty_store(store: Backend) -> None:
+    store.writer()
+    reader = store.reader()
+    assert reader.time_span() == (None, None)
+    assert reader.state_counts() == []
+    assert reader.sent_times([]) == {}
+    assert reader.sent_times(["nope"]) == {}
+    assert reader.size_bytes() > 0
+
+
+def test_span_states_and_sent_times(store: Backend) -> None:
+    reader = write_rows(
+        store,
+        {"uuid": "a", "state": "SUCCESS", "timestamp": 30.0, "sent": 5.0},
+        {"uuid": "b", "state": "success", "timestamp": 10.0},
+        {"uuid": "c", "state": "FAILURE", "timestamp": 20.0, "sent": 7.5},
+        {"uuid": "d", "state": "PENDING", "timestamp": 25.0},
+        {"uuid": "e", "timestamp": 15.0},
+    )
+    assert reader.time_span() == (10.0, 30.0)
+    counts = reader.state_counts()
+    # States differing in ASCII case are one series; no series for tasks without a state.
+    assert [(s.upper(), n) for s, n in counts] == [("FAILURE", 1), ("PENDING", 1), ("SUCCESS", 2)]
+    assert reader.sent_times(["a", "b", "c", "zz"]) == {"a": 5.0, "c": 7.5}
+    many = [f"x{i}" for i in range(1200)] + ["c"]
+    assert reader.sent_times(many) == {"c": 7.5}
