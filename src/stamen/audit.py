@@ -1,10 +1,13 @@
 """What the web process writes to the store: the audit log, retry links and paused queues.
 
 Place in the pipeline: beside the store. Ingest owns the store's one long-lived writer
-(DESIGN rule 4); control actions are rare, so each write here opens its own short-lived
-connection under a process-wide lock instead of going through ingest. SQLite's WAL mode lets
-that connection commit between ingest's transactions (``busy_timeout`` covers the overlap),
-and readers never block. Every call is blocking: web handlers run them in a thread.
+(DESIGN rule 4); control actions are rare, so they are written here, outside ingest. Every
+call is blocking: web handlers run them in a thread.
+
+Two backends keep the same tables behind ``ActionStore``: ``SqliteActionStore`` (below,
+next to the SQLite history) and ``stamen.audit_pg.PostgresActionStore`` (``--db=
+postgresql://...``), so that every instance sharing a PostgreSQL database sees the audit
+entries, retry links and paused queues made on any of them. ``open_action_store`` picks one.
 
 The audit log answers "who did what to which target, when, and how did it go" for every
 control and task action, including refused ones (read-only mode, bad input, unknown worker).
@@ -18,9 +21,9 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from stamen.store.reader import SQL_MAX_INT
 from stamen.store.schema import ACTION_DDL, SCHEMA_VERSION
@@ -33,11 +36,96 @@ MAX_MESSAGE = 2000
 #: Longest parameter JSON kept per row (execution bodies can carry large arguments); a
 #: truncated value is returned as the raw string.
 MAX_PARAMS = 10000
-_AUDIT_COLUMNS = ("id", "at", "user", "action", "target", "params", "status", "outcome", "message")
+AUDIT_COLUMNS = ("id", "at", "user", "action", "target", "params", "status", "outcome", "message")
 
 
-class ActionStore:
-    """Short-lived write connections (one at a time) and reads for the action tables."""
+class ActionStore(Protocol):
+    """The action tables, whichever database holds them."""
+
+    def record(
+        self,
+        *,
+        user: str,
+        action: str,
+        target: str | None,
+        params: dict[str, Any] | None,
+        status: int,
+        message: str = "",
+    ) -> int: ...
+    def entries(
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        action: str | None = None,
+        target: str | None = None,
+        user: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+    def link_retry(self, task_id: str, retry_of: str) -> None: ...
+    def retry_links(self, task_id: str) -> dict[str, Any]: ...
+    def pause(self, name: str, user: str, workers: Sequence[str]) -> None: ...
+    def add_paused_worker(self, name: str, worker: str) -> None: ...
+    def resume(self, name: str) -> list[str] | None: ...
+    def paused(self) -> dict[str, dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+def open_action_store(db_url: str | None, path: str | Path) -> ActionStore:
+    """The action store beside the history: in PostgreSQL when ``db_url`` names it (shared
+    by every instance on that database), else in the SQLite file at ``path``."""
+    if db_url is not None:
+        from stamen.audit_pg import PostgresActionStore
+
+        return PostgresActionStore(db_url)
+    return SqliteActionStore(path)
+
+
+# -- what both backends store alike ---------------------------------------------------------
+
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else "refused" if status < 500 else "error"
+
+
+def params_text(params: dict[str, Any] | None) -> str:
+    return json.dumps(params or {}, default=str, sort_keys=True)[:MAX_PARAMS]
+
+
+def message_text(message: str | None) -> str:
+    return (message or "")[:MAX_MESSAGE]
+
+
+def audit_entries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Rows of ``AUDIT_COLUMNS`` as dicts, ``params`` decoded unless it was truncated."""
+    entries = []
+    for row in rows:
+        entry = dict(zip(AUDIT_COLUMNS, row, strict=True))
+        with contextlib.suppress(ValueError):
+            entry["params"] = json.loads(entry["params"] or "{}")
+        entries.append(entry)
+    return entries
+
+
+def merged_workers(stored: str | None, workers: Iterable[str]) -> str:
+    """The JSON worker list of a paused queue with ``workers`` added, sorted."""
+    known = json.loads(stored) if stored else []
+    return json.dumps(sorted({*known, *workers}))
+
+
+def paused_map(rows: Iterable[Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"paused_at": at, "paused_by": by, "workers": json.loads(workers)}
+        for name, at, by, workers in rows
+    }
+
+
+class SqliteActionStore:
+    """The action tables in the SQLite history file.
+
+    Each write opens its own short-lived connection under a process-wide lock instead of
+    going through ingest: SQLite's WAL mode lets it commit between ingest's transactions
+    (``busy_timeout`` covers the overlap), and readers never block.
+    """
 
     def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
         self.path = path
@@ -61,6 +149,9 @@ class ActionStore:
                     raise
             finally:
                 conn.close()
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own connection."""
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -99,7 +190,6 @@ class ActionStore:
         message: str = "",
     ) -> int:
         """Append one audit row; returns its id."""
-        outcome = "ok" if status < 400 else "refused" if status < 500 else "error"
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO audit_log (at, user, action, target, params, status, outcome, "
@@ -109,10 +199,10 @@ class ActionStore:
                     user,
                     action,
                     target,
-                    json.dumps(params or {}, default=str, sort_keys=True)[:MAX_PARAMS],
+                    params_text(params),
                     status,
-                    outcome,
-                    (message or "")[:MAX_MESSAGE],
+                    outcome_of(status),
+                    message_text(message),
                 ),
             )
             return int(cursor.lastrowid or 0)
@@ -137,17 +227,11 @@ class ActionStore:
             if not self._has_table(conn, "audit_log"):
                 return []
             rows = conn.execute(
-                f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audit_log WHERE {where} "
+                f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_log WHERE {where} "
                 "ORDER BY id DESC LIMIT ? OFFSET ?",
                 [*params, min(limit, SQL_MAX_INT), min(max(offset, 0), SQL_MAX_INT)],
             ).fetchall()
-        entries = []
-        for row in rows:
-            entry = dict(zip(_AUDIT_COLUMNS, row, strict=True))
-            with contextlib.suppress(ValueError):
-                entry["params"] = json.loads(entry["params"] or "{}")
-            entries.append(entry)
-        return entries
+        return audit_entries(rows)
 
     # -- retries ------------------------------------------------------------------------------
 
@@ -182,12 +266,10 @@ class ActionStore:
         with self._write() as conn:
             row = conn.execute("SELECT workers FROM paused_queues WHERE name = ?", (name,))
             found = row.fetchone()
-            known = json.loads(found[0]) if found else []
-            merged = sorted({*known, *workers})
             conn.execute(
                 "INSERT OR REPLACE INTO paused_queues (name, paused_at, paused_by, workers) "
                 "VALUES (?, ?, ?, ?)",
-                (name, self._clock(), user, json.dumps(merged)),
+                (name, self._clock(), user, merged_workers(found[0] if found else None, workers)),
             )
 
     def add_paused_worker(self, name: str, worker: str) -> None:
@@ -198,9 +280,9 @@ class ActionStore:
             ).fetchone()
             if found is None:
                 return
-            merged = sorted({*json.loads(found[0]), worker})
             conn.execute(
-                "UPDATE paused_queues SET workers = ? WHERE name = ?", (json.dumps(merged), name)
+                "UPDATE paused_queues SET workers = ? WHERE name = ?",
+                (merged_workers(found[0], [worker]), name),
             )
 
     def resume(self, name: str) -> list[str] | None:
@@ -219,7 +301,4 @@ class ActionStore:
             rows = conn.execute(
                 "SELECT name, paused_at, paused_by, workers FROM paused_queues ORDER BY name"
             ).fetchall()
-        return {
-            name: {"paused_at": at, "paused_by": by, "workers": json.loads(workers)}
-            for name, at, by, workers in rows
-        }
+        return paused_map(rows)

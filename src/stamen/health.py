@@ -1,7 +1,12 @@
-"""What is wrong right now, for ``/healthcheck`` and the logs.
+"""What is wrong right now, for ``/healthcheck`` and the logs, and whether this instance ingests.
 
 Components report their state here; a change of state is logged once (a broker that stays
 down for an hour gives one warning and one "back" line, not one line per retry).
+
+Several instances can share one PostgreSQL database; only the one holding the ingest lock
+receives events. A standby is healthy (it serves every page and the API from the shared
+history), so ``/healthcheck`` stays "OK" on it; ``ingesting`` tells them apart, for the
+``stamen_ingest_leader`` gauge on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ log = logging.getLogger("stamen.health")
 
 
 class Health:
-    """Thread-safe record of the broker connection and the store."""
+    """Thread-safe record of the broker connection, the store and the ingest role."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -22,6 +27,9 @@ class Health:
         self.broker_error = ""
         self.broker_down_since: float | None = None
         self.store_error = ""
+        #: True while this instance receives and stores events (always, without PostgreSQL;
+        #: while it holds the ingest lock, with it).
+        self.ingesting = False
 
     def broker_up(self) -> None:
         if self.broker_ok:
@@ -49,6 +57,10 @@ class Health:
                 error,
                 retry_in,
             )
+
+    def set_ingesting(self, ingesting: bool) -> None:
+        with self._lock:
+            self.ingesting = ingesting
 
     def store_failed(self, error: str) -> None:
         with self._lock:

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -432,13 +431,7 @@ class _QueueCache:
         wanted = [i for found in ids.values() for i in found]
         if not wanted:
             return {}
-        marks = ", ".join("?" * len(wanted))
-        sent = dict(
-            self.services.reader.conn.execute(
-                f"SELECT uuid, sent FROM tasks WHERE uuid IN ({marks}) AND sent IS NOT NULL",
-                wanted,
-            ).fetchall()
-        )
+        sent = self.services.reader.sent_times(wanted)
         now = time.time()
         ages: dict[str, float] = {}
         for name, found in ids.items():
@@ -488,6 +481,12 @@ class ScrapeCollector(Collector):
             "Events received and waiting to be stored.",
             float(len(pending)),
         )
+        yield _gauge(
+            "stamen_ingest_leader",
+            "1 while this instance receives and stores events; 0 on a standby sharing a "
+            "PostgreSQL database with the instance that does.",
+            float(services.health.ingesting),
+        )
         yield _counter(
             "flower_events_ingested",
             "Events stored since this process started.",
@@ -497,12 +496,11 @@ class ScrapeCollector(Collector):
         yield _gauge("flower_store_tasks", "Tasks kept in the history store.", reader.task_count())
         yield _gauge(
             "flower_store_size_bytes",
-            "Size of the history database on disk, write-ahead log included.",
-            _db_size(str(services.db_path)),
+            "Size of the history on disk: the SQLite file with its write-ahead log, or the "
+            "PostgreSQL schema's tables with their indexes.",
+            reader.size_bytes(),
         )
-        conn = reader.conn
-        oldest = conn.execute("SELECT min(timestamp) FROM tasks").fetchone()[0]
-        newest = conn.execute("SELECT max(timestamp) FROM tasks").fetchone()[0]
+        oldest, newest = reader.time_span()
         span = float(newest) - float(oldest) if oldest is not None and newest is not None else 0.0
         yield _gauge(
             "flower_store_history_span_seconds",
@@ -523,7 +521,7 @@ class ScrapeCollector(Collector):
             float(sum(alive.values())),
         )
         tasks = GaugeMetricFamily("flower_tasks", "Tasks kept, by state.", labels=["state"])
-        for state, count in self._state_counts(conn):
+        for state, count in self._state_counts():
             tasks.add_metric([state], float(count))
         yield tasks
 
@@ -563,11 +561,11 @@ class ScrapeCollector(Collector):
             consumers.add_metric([name], count)
         yield consumers
 
-    def _state_counts(self, conn: Any) -> list[tuple[str, int]]:
+    def _state_counts(self) -> list[tuple[str, int]]:
         """Tasks per state, never older than ``_states_ttl`` plus one query.
 
-        The GROUP BY walks the whole ``tasks_by_state`` index (about 0.3 s per million
-        tasks here), so it runs in a background thread and scrapes read the last result:
+        The count walks the whole ``tasks_by_state`` index (about 0.3 s per million tasks
+        on SQLite), so it runs in a background thread and scrapes read the last result:
         scrapes stay fast whatever the history size. Its refresh interval grows with its
         cost (``STATE_COST_FACTOR``), which caps it at a few percent of one core. Only the
         very first scrape waits for it.
@@ -579,26 +577,17 @@ class ScrapeCollector(Collector):
             if start:
                 self._states_busy = True
         if start and first:
-            self._refresh_states(conn)
+            self._refresh_states()
         elif start:
             threading.Thread(
                 target=self._refresh_states, name="stamen-metrics-states", daemon=True
             ).start()
         return self._states
 
-    def _refresh_states(self, conn: Any = None) -> None:
+    def _refresh_states(self) -> None:
         try:
-            conn = conn or self.m.services.reader.conn  # one connection per thread
             t0 = time.perf_counter()
-            # Served by tasks_by_state: an index-only scan, no table rows read.
-            states = [
-                (str(state), int(n))
-                for state, n in conn.execute(
-                    "SELECT state, count(*) FROM tasks INDEXED BY tasks_by_state "
-                    "GROUP BY state COLLATE NOCASE ORDER BY state COLLATE NOCASE"
-                )
-                if state is not None
-            ]
+            states = self.m.services.reader.state_counts()
             took = time.perf_counter() - t0
             with self._lock:
                 self._states = states
@@ -647,14 +636,6 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=float(value))
 
 
-def _db_size(path: str) -> float:
-    total = 0
-    for suffix in ("", "-wal"):
-        with contextlib.suppress(OSError):
-            total += os.path.getsize(path + suffix)
-    return float(total)
-
-
 class Metrics:
     """Everything ``/metrics`` serves for one app; built by the web app, fed by ingest."""
 
@@ -684,7 +665,12 @@ class Metrics:
             observers.append(self.observe)
 
     def observe(self, events: list[Mapping[str, Any]], batch: Batch) -> None:
-        """Ingest observer: runs in the flush thread after each commit."""
+        """Ingest observer: runs in the flush thread after each commit.
+
+        Backfilled events (made up from the result backend) are left out: these series
+        count events heard from workers, and their gauges would move for tasks this
+        process never saw start."""
+        events = [e for e in events if e.get("stamen_backfilled") is not True]
         with self._observe_lock:
             self.flower.observe(events, batch.tasks)
             seen = self.queue_cache.seen

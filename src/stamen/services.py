@@ -15,10 +15,11 @@ from typing import Any
 
 from celery import Celery
 
-from stamen.audit import ActionStore
+from stamen.audit import ActionStore, open_action_store
 from stamen.cluster.inspector import Inspector
 from stamen.cluster.pause import QueuePauser
 from stamen.cluster.queues import QueueLengths
+from stamen.events.backfill import Backfiller, backfill_unavailable
 from stamen.events.enabler import EventsEnabler
 from stamen.events.ingest import Ingester
 from stamen.events.receiver import EventReceiverThread
@@ -56,8 +57,8 @@ class Services:
             self.db_path = sqlite_path(settings.db)
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="stamen-")
-            # With PostgreSQL this SQLite file only holds the action tables (audit log,
-            # retries, paused queues), which stay on SQLite for now.
+            # Not persistent: a throwaway SQLite file. With PostgreSQL nothing is kept in
+            # it (the action tables live in the database, shared by every instance).
             self.db_path = Path(self._tmpdir) / "history.sqlite3"
         self.writer: HistoryWriter
         self.reader: HistoryReader
@@ -72,14 +73,17 @@ class Services:
         self.enabler = EventsEnabler(app) if settings.enable_events else None
         self.inspector = Inspector(app, settings.inspect_timeout / 1000.0)
         self.queues = QueueLengths(app, settings.broker_api)
-        # Control actions write the audit log, retry links and paused queues themselves.
-        self.actions = ActionStore(self.db_path)
+        # Control actions write the audit log, retry links and paused queues themselves,
+        # beside the history (in PostgreSQL: seen by every instance on the database).
+        self.actions: ActionStore = open_action_store(self.db_url, self.db_path)
         self.pauser = QueuePauser(app, self.actions, settings.inspect_timeout / 1000.0)
         self.ingester.observers.append(self.pauser.observe)
         self._ingest = ingest
         self._started = False
         self._stopped = False
         self._helpers_started = False
+        #: Looks up missed task ends in the result backend while this instance ingests.
+        self.backfill: Backfiller | None = None
         #: With PostgreSQL, instances share the database and race for the ingest lock;
         #: the receiver runs only while this one holds it.
         self.election: IngestElection | None = None
@@ -98,6 +102,8 @@ class Services:
 
     def _start_ingest(self) -> None:
         self.receiver.start()
+        self.health.set_ingesting(True)
+        self._start_backfill()
         if not self._helpers_started:
             self._helpers_started = True
             self.pauser.start()
@@ -116,12 +122,35 @@ class Services:
 
     def _deposed(self) -> None:
         """Lost the lock: stop receiving; a fresh receiver waits for the next election."""
+        self.health.set_ingesting(False)
+        self._stop_backfill()
         try:
             self.receiver.stop()
         except Exception:
             log.exception("Stopping the receiver after losing the ingest lock failed")
         self.health.store_failed("")  # a standby serves reads; its failed last flush is moot
         self.receiver = self._new_receiver()
+
+    def _start_backfill(self) -> None:
+        """Backfill runs where events are ingested, when there is a backend to ask."""
+        interval = self.settings.backfill_interval
+        if not interval:
+            return
+        try:
+            reason = backfill_unavailable(self.app)
+        except Exception as exc:  # a result_backend URL Celery cannot load
+            log.warning("Backfill off, the result backend cannot be loaded: %s", exc)
+            return
+        if reason is not None:
+            log.debug("Backfill off: %s", reason)
+            return
+        self.backfill = Backfiller(self.app, self.reader, self.ingester, interval)
+        self.backfill.start()
+
+    def _stop_backfill(self) -> None:
+        backfill, self.backfill = self.backfill, None
+        if backfill is not None:
+            backfill.stop()
 
     def _new_receiver(self) -> EventReceiverThread:
         """A receiver thread (built anew after losing the ingest lock: threads run once)."""
@@ -145,11 +174,13 @@ class Services:
         if self.enabler is not None:
             self.enabler.stop()
         self.pauser.stop()
+        self._stop_backfill()
         if self._started and self._ingest:
             self.receiver.stop()
         else:
             self.ingester.flush()
         self.writer.close()
+        self.actions.close()
         self.queues.close()
         self.inspector.close()
         log.info("Stopped; %d events stored", self.ingester.events_ingested)

@@ -74,11 +74,12 @@ def test_a_killed_session_loses_the_lead_and_can_win_it_back(pg_url: str) -> Non
             a.write(one_task("lost", 1.0))
         assert not a.still_leading()
         assert a.seq == 0  # the failed batch did not take a sequence number
-        assert b.try_lead()
+        # The server releases a terminated session's lock a moment after it ends.
+        wait_until(b.try_lead, timeout=10, what="b to win the lock a's dead session held")
         b.write(one_task("b1", 2.0))
         assert not a.try_lead()  # reconnects, but b holds the lock now
         b.close()
-        assert a.try_lead()
+        wait_until(a.try_lead, timeout=10, what="a to win the lock back after b closed")
         assert a.seq == 1
         a.write(one_task("a1", 3.0))
         assert a.seq == 2

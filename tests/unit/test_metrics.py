@@ -259,6 +259,15 @@ def test_ingest_lag_counts_pending_events(harness: AppHarness) -> None:
     harness.services.ingester.flush()
 
 
+def test_ingest_leader_gauge_follows_the_role(harness: AppHarness) -> None:
+    # The harness does not ingest: a standby. The real hand-over is in
+    # tests/integration/test_postgres_multi.py.
+    assert value(scrape(harness), "stamen_ingest_leader") == 0
+    harness.services.health.set_ingesting(True)
+    assert value(scrape(harness), "stamen_ingest_leader") == 1
+    assert harness.client.get("/healthcheck").text == "OK"
+
+
 def test_celery_exporter_family(exporter: AppHarness) -> None:
     now = time.time()
     exporter.feed(
