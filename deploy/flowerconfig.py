@@ -187,6 +187,11 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   cheaper). Type bool, default true; env FLOWER_EVENT_FAST_PATH.
 # event_fast_path = True
 
+# seconds between lookups in the result backend of tasks not heard finishing (their events
+#   were missed), also done at start; 0 disables. Type float, default 60; env
+#   FLOWER_BACKFILL_INTERVAL.
+# backfill_interval = 60.0
+
 # also export celery-exporter's metric family (celery_task_sent_total, celery_worker_up,
 #   ...) on /metrics. Type bool, default false; env FLOWER_CELERY_EXPORTER_METRICS.
 # celery_exporter_metrics = False
