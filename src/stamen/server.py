@@ -14,10 +14,12 @@ from typing import Any
 import uvicorn
 from celery import Celery
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 
 from stamen.services import Services
-from stamen.web import live
+from stamen.web import live, pages
 from stamen.web.app import create_app
 
 log = logging.getLogger("stamen")
@@ -66,7 +68,18 @@ def build_asgi(services: Services) -> Any:
     prefix = services.settings.url_prefix
     if not prefix:
         return app
-    outer = Starlette(routes=[Mount(f"/{prefix}", app=app)], lifespan=_lifespan_of(app))
+
+    async def not_found(request: Request) -> Response:
+        # Flower's rewritten catch-all: "/<prefix>" itself and "/<prefix>x" get its HTML 404
+        # page (in our layout, links under the prefix), not a redirect to "/<prefix>/".
+        inner = Request({**request.scope, "app": app, "root_path": f"/{prefix}"})
+        return pages.error_page(inner, 404, "Error, page not found")
+
+    outer = Starlette(
+        routes=[Mount(f"/{prefix}", app=app), Route(f"/{prefix}{{rest:path}}", not_found)],
+        lifespan=_lifespan_of(app),
+    )
+    outer.router.redirect_slashes = False
     return outer
 
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.conftest import Cluster, Worker, start_worker, wait_until
 
 CHROMIUM = os.environ.get("STAMEN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -51,12 +55,14 @@ def browser() -> Iterator[Any]:
 
 
 class WatchedPage:
-    """A page that records console errors and uncaught exceptions."""
+    """A page that records console errors, uncaught exceptions and every URL it asked for."""
 
     def __init__(self, page: Any, shots: Path) -> None:
         self.page = page
         self.shots = shots
         self.errors: list[str] = []
+        self.requested: list[str] = []
+        page.on("request", lambda r: self.requested.append(r.url))
         page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
 
@@ -73,3 +79,53 @@ def page(browser: Any, screenshots_dir: Path) -> Iterator[WatchedPage]:
         yield WatchedPage(context.new_page(), screenshots_dir)
     finally:
         context.close()
+
+
+@dataclass
+class SpareWorker:
+    """A worker of the session's Redis cluster with a queue of its own, which a test may
+    pause, purge or stop without touching the shared worker."""
+
+    worker: Worker
+    queue: str
+
+    @property
+    def hostname(self) -> str:
+        return self.worker.hostname
+
+
+@pytest.fixture
+def spare_workers(redis_cluster: Cluster, logs_dir: Path) -> Iterator[Callable[[], SpareWorker]]:
+    """Starts spare workers on demand (not before the test has opened its page); stops them."""
+    started: list[SpareWorker] = []
+
+    def start() -> SpareWorker:
+        tag = uuid.uuid4().hex[:8]
+        queue, hostname = f"itest-pages-{tag}", f"pages-{tag}@localhost"
+        log = logs_dir / f"worker-pages-{tag}.log"
+        spare = SpareWorker(start_worker(redis_cluster.env, hostname, queue, log), queue)
+        started.append(spare)
+        return spare
+
+    try:
+        yield start
+    finally:
+        for spare in started:
+            spare.worker.stop()
+
+
+def wait_online(cluster: Cluster, spare: SpareWorker) -> None:
+    """Until Stamen lists the worker online and has inspected it (its queue, its stats)."""
+    wait_until(
+        lambda: cluster.stamen.get("/api/workers?status=1").json().get(spare.hostname),
+        timeout=60,
+        what=f"{spare.hostname} online in stamen",
+    )
+    wait_until(
+        lambda: (
+            spare.queue
+            in str(cluster.stamen.get(f"/api/workers?workername={spare.hostname}&refresh=1").json())
+        ),
+        timeout=30,
+        what=f"{spare.hostname} inspected",
+    )

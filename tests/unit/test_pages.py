@@ -11,7 +11,7 @@ from tests.factories import lifecycle, task_sent, worker_heartbeat, worker_offli
 from tests.unit.conftest import AppHarness, make_harness
 
 
-def _datatable(h: AppHarness, **extra: Any) -> dict[str, Any]:
+def _datatable(h: AppHarness, auth: Any = None, **extra: Any) -> dict[str, Any]:
     params = {
         "draw": "3",
         "start": "0",
@@ -21,7 +21,7 @@ def _datatable(h: AppHarness, **extra: Any) -> dict[str, Any]:
         "order[0][dir]": "desc",
         **extra,
     }
-    response = h.client.get("/tasks/datatable", params=params)
+    response = h.client.get("/tasks/datatable", params=params, auth=auth)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -170,7 +170,7 @@ def test_stats_and_live_changes(harness: AppHarness) -> None:
     assert [n["uuid"] for n in tree["root"]["children"]] == ["c"]
     seq = reader.seq()
     harness.feed(lifecycle("e", ts=now))
-    changed, total = live.changed_tasks(reader, seq, 10)
+    changed, total = reader.changed_tasks(seq, 10)
     assert [t["uuid"] for t in changed] == ["e"] and total == 1
     assert harness.client.get("/charts/data?range=15m").json()["range"] == "15m"
     assert harness.client.get("/charts/data?range=2y").status_code == 400
@@ -204,6 +204,15 @@ def test_pages_follow_the_url_prefix(tmp_path: Path) -> None:
             assert 'href="/flower/static/stamen.css?v=' in page.text
             assert 'content="/flower"' in page.text
             assert client.get("/flower/static/stamen.js").status_code == 200
+            # Flower: the prefix without its slash, or with more letters, is its 404 page;
+            # outside the prefix nothing answers but a bare 404.
+            for path in ("/flower", "/flowerx", "/flowerx/tasks"):
+                missing = client.get(path, follow_redirects=False)
+                assert missing.status_code == 404, path
+                assert "Error, page not found" in missing.text, path
+                assert 'href="/flower/static/stamen.css?v=' in missing.text, path
+            outside = client.get("/tasks")
+            assert outside.status_code == 404 and "Error, page not found" not in outside.text
 
 
 def test_live_hub_fans_out_coalesced_changes(harness: AppHarness) -> None:
@@ -241,3 +250,86 @@ def test_live_hub_fans_out_coalesced_changes(harness: AppHarness) -> None:
     tasks = messages[-1][1]
     assert tasks["changed"] == 50 and len(tasks["tasks"]) == 50
     assert {t["uuid"] for t in tasks["tasks"]} == {f"x{n}" for n in range(50)}
+
+
+def test_live_hub_sends_new_names_once_and_to_late_subscribers(harness: AppHarness) -> None:
+    import asyncio
+
+    import orjson
+
+    now = _feed_cluster(harness)
+    reader = harness.services.reader
+
+    async def next_names(queue: asyncio.Queue[bytes]) -> dict[str, Any]:
+        while True:
+            raw = await asyncio.wait_for(queue.get(), 5)
+            if raw.startswith(b"event: names\n"):
+                return orjson.loads(raw.split(b"data: ", 1)[1])  # type: ignore[no-any-return]
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
+        hub = live.LiveHub(reader, lambda: [], interval=0.02, workers_interval=0.05)
+        first = hub.subscribe()
+        initial = await next_names(first)
+        harness.feed(lifecycle("n1", name="tasks.brand_new", ts=now))
+        grown = await next_names(first)
+        # Another change with no new name sends no names message.
+        harness.feed(lifecycle("n2", name="tasks.brand_new", ts=now))
+        sent = hub.messages_sent
+        while hub.messages_sent == sent:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        repeats = 0
+        while not first.empty():
+            repeats += first.get_nowait().startswith(b"event: names\n")
+        late = hub.subscribe()
+        replayed = await next_names(late)
+        hub.unsubscribe(first)
+        hub.unsubscribe(late)
+        return initial, grown, replayed, repeats
+
+    initial, grown, replayed, repeats = asyncio.run(scenario())
+    assert initial["types"] == ["tasks.<b>queued</b>", "tasks.add"]
+    assert "SUCCESS" in initial["states"]
+    assert grown["types"] == ["tasks.<b>queued</b>", "tasks.add", "tasks.brand_new"]
+    assert repeats == 0
+    assert replayed == grown
+
+
+def test_tasks_filters_and_failure_retry_follow_the_role(tmp_path: Path) -> None:
+    users = ["ann:pw1", "bob:pw2"]
+    for h in make_harness(tmp_path, basic_auth=users, operators=["ann"], viewers=["bob"]):
+        _feed_cluster(h)
+        tasks = h.client.get("/tasks", auth=("bob", "pw2")).text
+        assert '<select id="filter-state">' in tasks and "<option>FAILURE</option>" in tasks
+        assert "<option>w1@host</option>" in tasks and "<option>tasks.add</option>" in tasks
+        assert "data-retry-group" not in h.client.get("/failures", auth=("bob", "pw2")).text
+        failures = h.client.get("/failures?range=1h", auth=("ann", "pw1")).text
+        assert 'data-retry-group data-taskname="tasks.add"' in failures
+        assert 'data-since="' in failures
+        # The exact state filter reaches the datatable (and the bulk selection).
+        rows = _datatable(h, auth=("bob", "pw2"), state="FAILURE")["data"]
+        assert [t["uuid"] for t in rows] == ["b"]
+
+
+def test_worker_page_shows_live_counters_running_tasks_and_offline(harness: AppHarness) -> None:
+    now = time.time()
+    harness.feed([worker_online("w1@host", now - 5), worker_heartbeat("w1@host", now - 1)])
+    harness.feed(lifecycle("done", ts=now - 4) + lifecycle("running", ts=now - 2, outcome="none"))
+    # What an inspection would have cached (the harness has no worker to ask).
+    inspector = harness.services.inspector
+    for method in inspector.WORKER_METHODS:
+        reply = {"pid": 42, "pool": {}} if method == "stats" else []
+        inspector._merge(method, {"w1@host": reply})
+    page = harness.client.get("/worker/w1@host")
+    assert page.status_code == 200, page.text[:300]
+    html = page.text
+    assert 'id="worker-status">Online<' in html
+    assert 'id="worker-offline" role="status" hidden' in html
+    assert 'id="live-received">2<' in html and 'id="live-succeeded">1<' in html
+    assert 'data-uuid="running"' in html and 'data-uuid="done"' not in html
+    assert 'src="/static/worker.js?v=' in html
+
+    harness.feed([worker_offline("w1@host", now)])
+    html = harness.client.get("/worker/w1@host").text
+    assert 'id="worker-status">Offline<' in html
+    assert 'id="worker-offline" role="status">' in html

@@ -2,11 +2,13 @@
 
 One :class:`LiveHub` per app polls ``reader.seq()`` (a single-row read) every
 ``interval`` seconds. When it moved, the hub reads what changed since the last value it saw
-(``tasks WHERE seq > ?``, served by the ``tasks_by_seq`` index), builds one compact message
+(``reader.changed_tasks``, served by the ``tasks_by_seq`` index), builds one compact message
 and hands it to every subscriber. Updates are therefore coalesced to at most one message per
 interval whatever the event rate, and a page never re-reads a whole table. Worker rows are
 small; they are recomputed at most once a second and sent only when they differ, which also
-catches a worker going offline without any new event.
+catches a worker going offline without any new event. The names the tasks page filters by
+(task types, states) are re-read at the same pace, only after the history moved, and sent as a
+``names`` message when they differ, so its dropdowns grow without a reload.
 
 Each subscriber has a small bounded queue. A client too slow to keep up loses messages and
 gets a ``resync`` message instead, after which the page reloads its current view once.
@@ -28,16 +30,13 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from stamen.store.reader import StoreReader
+from stamen.store import HistoryReader
 from stamen.web import present
 
 log = logging.getLogger(__name__)
 
-#: Columns sent for each changed task: what a task-list row or a task page needs to patch.
-LIVE_COLUMNS = (
-    "uuid", "name", "state", "received", "started", "runtime", "worker", "timestamp",
-    "retries", "root_id", "parent_id",
-)  # fmt: skip
+#: Tasks one ``tasks`` message carries (the newest); ``changed`` says how many changed in all,
+#: so a page that may have missed some reloads its view instead of patching rows.
 MAX_TASKS_PER_MESSAGE = 200
 QUEUE_SIZE = 16
 KEEPALIVE_S = 15.0
@@ -55,22 +54,12 @@ def shutting_down() -> None:
     SHUTTING_DOWN.set()
 
 
-def changed_tasks(reader: StoreReader, since: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Tasks written after ``since`` (newest ``limit`` of them) and how many changed in all."""
-    cols = ", ".join(LIVE_COLUMNS)
-    rows = reader.conn.execute(
-        f"SELECT {cols} FROM tasks WHERE seq > ? ORDER BY seq DESC LIMIT ?", (since, limit + 1)
-    ).fetchall()
-    tasks = [dict(zip(LIVE_COLUMNS, r, strict=True)) for r in rows[:limit]]
-    return tasks, len(rows)
-
-
 class LiveHub:
     """Fan-out of store changes to the open pages."""
 
     def __init__(
         self,
-        reader: StoreReader,
+        reader: HistoryReader,
         workers: Callable[[], list[dict[str, Any]]],
         *,
         interval: float = 0.5,
@@ -83,6 +72,7 @@ class LiveHub:
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self._task: asyncio.Task[None] | None = None
         self._last_workers: bytes = b""
+        self._last_names: bytes = b""
         self.messages_sent = 0
 
     def subscribe(self) -> asyncio.Queue[bytes]:
@@ -90,8 +80,9 @@ class LiveHub:
         self._subscribers.add(queue)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
-        if self._last_workers:
-            queue.put_nowait(self._last_workers)
+        for last in (self._last_workers, self._last_names):
+            if last:
+                queue.put_nowait(last)
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
@@ -100,10 +91,10 @@ class LiveHub:
             self._task.cancel()
             self._task = None
             self._last_workers = b""
+            self._last_names = b""
 
     def publish(self, kind: str, payload: Any) -> None:
-        message = f"event: {kind}\ndata: ".encode() + orjson.dumps(payload, default=str) + b"\n\n"
-        self._deliver(message)
+        self._deliver(self._message(kind, payload))
 
     def _deliver(self, message: bytes) -> None:
         self.messages_sent += 1
@@ -116,30 +107,40 @@ class LiveHub:
                     queue.get_nowait()
                 queue.put_nowait(b"event: resync\ndata: {}\n\n")
 
+    def _message(self, kind: str, payload: Any) -> bytes:
+        return f"event: {kind}\ndata: ".encode() + orjson.dumps(payload, default=str) + b"\n\n"
+
+    def _names(self) -> dict[str, list[str]]:
+        return {"types": self.reader.task_types(), "states": self.reader.states()}
+
     async def _run(self) -> None:
         seq = await run_in_threadpool(self.reader.seq)
         next_workers = 0.0
+        names_due = True
         while True:
             try:
                 current = await run_in_threadpool(self.reader.seq)
                 if current != seq:
                     tasks, total = await run_in_threadpool(
-                        changed_tasks, self.reader, seq, MAX_TASKS_PER_MESSAGE
+                        self.reader.changed_tasks, seq, MAX_TASKS_PER_MESSAGE
                     )
                     seq = current
+                    names_due = True
                     self.publish("tasks", {"seq": seq, "tasks": tasks, "changed": total})
                 now = time.monotonic()
                 if now >= next_workers:
                     next_workers = now + self.workers_interval
                     records = await run_in_threadpool(self._workers)
-                    message = (
-                        b"event: workers\ndata: "
-                        + orjson.dumps({"data": records}, default=str)
-                        + b"\n\n"
-                    )
+                    message = self._message("workers", {"data": records})
                     if message != self._last_workers:
                         self._last_workers = message
                         self._deliver(message)
+                    if names_due:
+                        names_due = False
+                        message = self._message("names", await run_in_threadpool(self._names))
+                        if message != self._last_names:
+                            self._last_names = message
+                            self._deliver(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a locked or vanished database: try again later
@@ -170,7 +171,7 @@ def hub_of(request: Request) -> LiveHub:
 
 @router.get("/live")
 async def live(request: Request) -> StreamingResponse:
-    """The SSE stream: ``tasks``, ``workers`` and ``resync`` events, plus keep-alives."""
+    """The SSE stream: ``tasks``, ``workers``, ``names`` and ``resync`` events, plus keep-alives."""
     from stamen.web.pages import viewer
 
     await viewer(request)

@@ -29,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
 
 from stamen.cluster.queues import UnsupportedBroker
-from stamen.events.merge import worker_alive
 from stamen.search.parser import SearchError, parse_query
 from stamen.services import Services
 from stamen.store.reader import SORTABLE, TaskQuery
@@ -243,8 +242,7 @@ async def worker_page(request: Request, name: str) -> Response:
     conf = {k: v for k, v in sorted((cut.get("conf") or {}).items()) if v is not None}
     other = {k: v for k, v in stats_.items() if k not in _STATS_SHOWN}
     registered = [str(t).split(" ", 1)[0] for t in cut.get("registered") or []]
-    alive = await run_in_threadpool(svc.reader.workers)
-    worker_row = alive.get(name)
+    record, running = await run_in_threadpool(_worker_now, svc, name)
     return render(
         request,
         "worker.html",
@@ -258,9 +256,29 @@ async def worker_page(request: Request, name: str) -> Response:
         conf=conf,
         other=other,
         registered=registered,
-        online=bool(worker_row) and worker_alive(worker_row, time.time()),
+        online=bool(record.get("status")),
+        record=record,
+        running=running,
+        time_kind=_time_kind(svc),
+        zone=app_zone(svc),
+        show_time=present.show_time,
         config_docs=CONFIG_DOCS_URL,
     )
+
+
+#: How many running tasks the worker page lists (its live script asks for the same).
+RUNNING_SHOWN = 50
+
+
+def _worker_now(svc: Services, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The worker's live record (as ``/workers?json=1`` has it, ``{}`` when unknown) and the
+    tasks its events say are running now: what the page's live script keeps up to date."""
+    records = present.worker_records(svc.reader.counters(), svc.reader.workers())
+    record = next((r for r in records if r["hostname"] == name), {})
+    query = TaskQuery(
+        workername=name, state="STARTED", sort_by="started", descending=True, limit=RUNNING_SHOWN
+    )
+    return record, svc.reader.list_tasks(query)
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -283,8 +301,8 @@ async def tasks_page(request: Request) -> Response:
         if (value := args.raw(key)) and value != "All"
     )
     columns = [(c, present.TASK_COLUMN_LABELS.get(c, c)) for c in svc.settings.tasks_columns]
-    task_types, workers = await run_in_threadpool(
-        lambda: (svc.reader.task_types(), sorted(svc.reader.workers()))
+    task_types, workers, states = await run_in_threadpool(
+        lambda: (svc.reader.task_types(), sorted(svc.reader.workers()), svc.reader.states())
     )
     return render(
         request,
@@ -297,6 +315,7 @@ async def tasks_page(request: Request) -> Response:
         prefill=prefill,
         task_types=task_types,
         worker_names=workers,
+        states=states,
         search_docs=SEARCH_DOCS_URL,
     )
 
@@ -380,7 +399,7 @@ async def task_page(request: Request, taskid: str) -> Response:
     if raw is None:
         raise PageError(404, f"Unknown task '{taskid}'")
     task = present.apply_format_task(svc.settings.format_task, raw)
-    shown = {"name", "uuid", "state", "args", "kwargs", "result", "root", "parent"}
+    shown = {"name", "uuid", "state", "args", "kwargs", "result", "root", "parent", "backfilled"}
     zone = app_zone(svc)
     fields: list[tuple[str, str, Any]] = []
     for key, value in task.items():
@@ -415,11 +434,15 @@ async def task_page(request: Request, taskid: str) -> Response:
 
 @router.get("/broker")
 async def broker_page(request: Request) -> Response:
+    """The queues and their lengths; ``?json=1`` gives the same data to the page's graph."""
     who = await viewer(request)
     svc = _svc(request)
+    args = await Args.of(request)
     if not svc.queues.supported:
         raise PageError(404, f"'{svc.queues.transport}' broker is not supported")
-    names = svc.queues.queue_names(svc.inspector.workers)
+    paused = await run_in_threadpool(svc.actions.paused)
+    # A paused queue has no consumer left to report it: list it anyway, to resume it.
+    names = sorted({*svc.queues.queue_names(svc.inspector.workers), *paused})
     queues: list[dict[str, Any]] = []
     try:
         queues = await run_in_threadpool(svc.queues.lengths, names)
@@ -429,6 +452,8 @@ async def broker_page(request: Request) -> Response:
         raise  # a broken Redis setting: a 500, as in Flower
     except Exception as exc:
         log.error("Unable to get queues: '%s'", exc)
+    if args.get("json", bool, False):
+        return FlowerJSON({"queues": queues, "paused": sorted(paused), "at": time.time()})
     return render(
         request,
         "broker.html",
@@ -437,6 +462,9 @@ async def broker_page(request: Request) -> Response:
         title="Broker",
         broker_url=svc.app.connection().as_uri(),
         queues=queues,
+        paused=paused,
+        zone=app_zone(svc),
+        show_time=present.show_time,
     )
 
 
@@ -471,7 +499,8 @@ async def failures_page(request: Request) -> Response:
     span = args.raw("range") or "1d"
     if span not in stats.RANGES:
         span = "1d"
-    groups = await run_in_threadpool(stats.failure_groups, svc.reader, span, time.time())
+    now = time.time()
+    groups = await run_in_threadpool(stats.failure_groups, svc.reader, span, now)
     return render(
         request,
         "failures.html",
@@ -480,6 +509,8 @@ async def failures_page(request: Request) -> Response:
         title="Failures",
         groups=groups,
         span=span,
+        # The bulk API reads dates in the server's local time, to the minute (as Flower).
+        since=time.strftime("%Y-%m-%d %H:%M", time.localtime(now - stats.RANGES[span][0])),
         ranges=stats.RANGES,
         zone=app_zone(svc),
         show_time=present.show_time,

@@ -41,7 +41,7 @@
     setStatus("idle", "Connecting…");
     source.addEventListener("hello", () => setStatus("live", "Live"));
     source.onerror = () => setStatus("error", "Reconnecting…");
-    for (const kind of ["tasks", "workers", "resync"]) {
+    for (const kind of ["tasks", "workers", "names", "resync"]) {
       source.addEventListener(kind, (ev) => {
         let data = {};
         try { data = JSON.parse(ev.data); } catch (e) { return; }
@@ -80,13 +80,20 @@
     return out;
   }
 
+  // After an action that changes what the page shows: re-render it server-side and swap the
+  // content in place (the toast stays, no reload); a full reload only without htmx.
+  function refreshMain() {
+    if (!window.htmx) { location.reload(); return; }
+    window.htmx.ajax("GET", location.pathname + location.search, { target: "#main-content", select: "#main-content", swap: "outerHTML" });
+  }
+
   async function runAction(trigger, method, path, fields) {
     if (trigger.dataset.confirm && !window.confirm(trigger.dataset.confirm)) return;
     trigger.disabled = true;
     try {
       const message = await send(method, path, fields);
       toast(trigger.dataset.done || message || "Done");
-      if (trigger.dataset.reload !== undefined) setTimeout(() => location.reload(), 2000);
+      if (trigger.dataset.reload !== undefined) setTimeout(refreshMain, 1000);
     } catch (err) {
       toast(err.message, true);
     } finally {

@@ -8,6 +8,7 @@
   const search = document.getElementById("task-search");
   const typeSel = document.getElementById("filter-type");
   const workerSel = document.getElementById("filter-worker");
+  const stateSel = document.getElementById("filter-state");
   const from = document.getElementById("filter-from");
   const to = document.getElementById("filter-to");
   const errorBox = document.getElementById("search-error");
@@ -51,6 +52,7 @@
     p.set("search[value]", search.value.trim());
     if (typeSel.value) p.set("taskname", typeSel.value);
     if (workerSel.value) p.set("workername", workerSel.value);
+    if (stateSel.value) p.set("state", stateSel.value);
     if (localDate(from)) p.set("received_start", localDate(from));
     if (localDate(to)) p.set("received_end", localDate(to));
     return p;
@@ -156,7 +158,7 @@
   function reload(delay) { clearTimeout(timer); timer = setTimeout(load, delay || 0); }
 
   search.addEventListener("input", () => { view.start = 0; updateStateButtons(); reload(300); });
-  for (const f of [typeSel, workerSel, from, to]) f.addEventListener("change", () => { view.start = 0; reload(); });
+  for (const f of [typeSel, workerSel, stateSel, from, to]) f.addEventListener("change", () => { view.start = 0; reload(); });
   sizeSel.addEventListener("change", () => { view.length = Number(sizeSel.value); view.start = 0; reload(); });
   document.getElementById("page-prev").addEventListener("click", () => { view.start = Math.max(0, view.start - view.length); reload(); });
   document.getElementById("page-next").addEventListener("click", () => { view.start += view.length; reload(); });
@@ -194,6 +196,7 @@
     if (search.value.trim()) f.search = search.value.trim();
     if (typeSel.value) f.taskname = typeSel.value;
     if (workerSel.value) f.workername = workerSel.value;
+    if (stateSel.value) f.state = stateSel.value;
     if (localDate(from)) f.received_start = localDate(from);
     if (localDate(to)) f.received_end = localDate(to);
     return f;
@@ -246,6 +249,21 @@
     }
   });
   S.on("resync", () => reload(500));
+
+  // -- live: new task types, states and workers join the filter dropdowns -----------------
+  function addOptions(select, names) {
+    const known = new Set([...select.options].map((o) => o.value));
+    const added = [...new Set(names || [])].filter((n) => n && !known.has(n));
+    if (!added.length) return;
+    const all = [...select.options].slice(1).map((o) => o.value).concat(added);
+    // Sorted like the server renders them (states keep Celery's order, new ones last).
+    if (select !== stateSel) all.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+    const chosen = select.value;
+    select.replaceChildren(select.options[0], ...all.map((n) => el("option", { value: n }, n)));
+    select.value = chosen;
+  }
+  S.on("names", (msg) => { addOptions(typeSel, msg.types); addOptions(stateSel, msg.states); });
+  S.on("workers", (msg) => addOptions(workerSel, (msg.data || []).map((w) => w.hostname)));
 
   load();
 })();
