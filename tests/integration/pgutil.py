@@ -2,7 +2,7 @@
 
 The server is ``STAMEN_TEST_POSTGRES`` (default: local, trust auth, database ``test``).
 Stamen is pointed at the schema through libpq's ``options=-csearch_path=...`` in the URL,
-so tables, indexes and (if not installed yet) ``pg_trgm`` land in that schema only.
+so tables and indexes land in that schema only (``pg_trgm`` goes to ``public``).
 """
 
 from __future__ import annotations

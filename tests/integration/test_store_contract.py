@@ -905,3 +905,84 @@ def test_changed_tasks_are_what_the_live_pages_patch(backend: Backend) -> None:
     one, total = reader.changed_tasks(before, 1)
     assert len(one) == 1 and total == 2
     assert reader.changed_tasks(reader.seq(), 10) == ([], 0)
+
+
+def test_a_uuid_holding_nul_merges_its_later_events_into_one_task(backend: Backend) -> None:
+    """PostgreSQL stores the NUL as U+FFFD; reading the task back for the next batch must
+    find it under the uuid ingest knows, not fail the batch or start a second task."""
+    received, started, succeeded = lifecycle("a\0b", ts=100.0)
+    ingester = Ingester(backend.writer(), cache_size=0)  # the second batch reads it back
+    ingester.add(received)
+    ingester.flush()
+    for e in (started, succeeded):
+        ingester.add(e)
+    ingester.flush()
+    reader = backend.reader()
+    assert reader.task_count() == 1
+    task = reader.get_task("a\0b")
+    assert task is not None
+    assert task["uuid"] in ("a\0b", "a\ufffdb")
+    assert (task["state"], task["received"], task["result"]) == ("SUCCESS", 100.0, "3")
+    assert [t["uuid"] for t in reader.list_tasks(TaskQuery())] == [task["uuid"]]
+
+
+def _walk_history(count: int) -> dict[str, dict[str, Any]]:
+    """``count`` tasks where ``common`` matches all, ``tenth`` every tenth, ``only-old`` one
+    of the oldest; some received/started times are missing (NULLs sort at one end)."""
+    rows = {}
+    for i in range(count):
+        uuid = f"w{i:05}"
+        tags = ["common", *(["tenth"] if i % 10 == 3 else []), *(["only-old"] if i == 2 else [])]
+        rows[uuid] = {
+            "uuid": uuid,
+            "name": ("tasks.add", "tasks.mul", "tasks.div")[i % 3],
+            "state": "FAILURE" if i % 7 == 0 else "SUCCESS",
+            "worker": f"w{i % 2}@host",
+            "args": f"({i}, {' '.join(tags)!r})",
+            "kwargs": f"{{'n': {i % 4}}}",
+            "timestamp": 1_000.0 + i // 2,  # ties: uuid breaks them
+            "received": None if i % 11 == 0 else 900.0 + (i * 7919) % count,
+            "started": None if i % 13 == 0 else 950.0 + i,
+        }
+    return rows
+
+
+WALK_QUERIES = ["common", "tenth", "only-old", "nothing-matches", "tenth OR only-old"]
+WALK_QUERIES += ["kwargs:n=1", "state:failure tenth", "name:mul"]
+WALK_PAGES: list[dict[str, Any]] = [
+    {},
+    {"offset": 120},
+    {"state": "FAILURE"},
+    {"taskname": "tasks.mul", "workername": "w1@host"},
+    {"sort_by": "received"},
+    {"sort_by": "received", "descending": True, "offset": 40},
+    {"sort_by": "started", "descending": True},
+    {"sort_by": "timestamp", "received_start": 1_500.0},
+]
+
+
+@pg_only
+def test_postgres_search_walk_gives_the_exact_plans_page(pg_url: str) -> None:
+    from stamen.store.postgres import PostgresReader, PostgresWriter
+
+    rows = _walk_history(3000)
+    writer = PostgresWriter(pg_url, max_tasks=10_000)
+    writer.write(Batch(tasks=rows, new_tasks=len(rows)))
+    writer.close()
+    reader = PostgresReader(pg_url)
+    walked = 0
+    for text in WALK_QUERIES:
+        for page in WALK_PAGES:
+            query = TaskQuery(search=parse_query(text), limit=50, **page)
+            exact = reader.exact_page(query)
+            walk = reader._walk(query)
+            if walk is not None:
+                walked += 1
+                assert walk == exact, (text, page)
+            assert reader.list_tasks(query) == exact, (text, page)
+    assert walked >= len(WALK_PAGES) * 3
+    # A broad term is found by walking; one that matches no recent task hands over.
+    assert reader._walk(TaskQuery(search=parse_query("common"), limit=100)) is not None
+    assert reader._walk(TaskQuery(search=parse_query("kwargs:n=1"), limit=100)) is not None
+    assert reader._walk(TaskQuery(search=parse_query("only-old"), limit=100)) is None
+    assert uuids(reader, search="only-old", limit=100) == ["w00002"]

@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -44,6 +45,8 @@ from stamen.store.reader import (
     LIVE_TASK_COLUMNS,
     SORTABLE,
     SQL_MAX_INT,
+    WALK_FIRST,
+    WALK_SORTS,
     WORKFLOW_COLUMNS,
     FailureRow,
     RollupRow,
@@ -74,6 +77,10 @@ _WORKER_INTS = frozenset({"pid", "clock", "active", "processed"})
 _SORT_TEXT = frozenset(c for c in TASK_COLUMNS if c not in _FLOAT_COLUMNS | _INT_COLUMNS)
 _SELECT = ", ".join(f"tasks.{c}" for c in TASK_COLUMNS)
 _INT64 = (-(2**63), 2**63 - 1)
+#: Rows a search walk may test. Each costs a few microseconds here (the search is evaluated
+#: on the row, not looked up in an index as SQLite's walk does), so the bound is lower than
+#: SQLite's: a walk never costs much more than ~100 ms before handing over.
+PG_WALK_BUDGET = 20_000
 
 
 def is_postgres_url(db: str) -> bool:
@@ -249,12 +256,24 @@ def _lock_key(conn: psycopg.Connection[Any], purpose: str) -> int:
 
 
 def _trgm_opclass(conn: psycopg.Connection[Any]) -> str | None:
-    """``schema.gin_trgm_ops`` once ``pg_trgm`` exists (created if allowed), else ``None``."""
-    try:
-        with conn.transaction():
-            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-    except psycopg.Error as exc:
-        log.warning("pg_trgm is not available (%s): task search will scan the table", exc)
+    """``schema.gin_trgm_ops`` once ``pg_trgm`` exists (created if allowed), else ``None``.
+
+    The extension goes into ``public`` when it can, not into Stamen's own schema: a
+    database holds one copy of an extension, and one created in a Stamen schema would take
+    every other schema's search index with it when that schema is dropped.
+    """
+    for statement in (
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public",
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+    ):
+        try:
+            with conn.transaction():
+                conn.execute(statement)
+            break
+        except psycopg.Error as exc:
+            failure = exc
+    else:
+        log.warning("pg_trgm is not available (%s): task search will scan the table", failure)
     row = conn.execute(
         "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
         "WHERE e.extname = 'pg_trgm'"
@@ -481,16 +500,28 @@ class PostgresWriter:
     # Reads the ingest side needs to resume where it stopped.
 
     def load_tasks(self, uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Stored records for those of ``uuids`` that exist."""
-        ids = list(uuids)
+        """Stored records for those of ``uuids`` that exist, keyed and named as asked.
+
+        A uuid holding NUL was stored with U+FFFD in its place (``_text``): it is looked up
+        that way and handed back under the uuid ingest knows, so its next event merges into
+        the stored task instead of failing the batch.
+        """
+        asked: dict[str, list[str]] = {}
+        for uuid in uuids:
+            asked.setdefault(_text(uuid) or "", []).append(uuid)
         found: dict[str, dict[str, Any]] = {}
-        if not ids:
+        if not asked:
             return found
         cols = ", ".join(TASK_COLUMNS)
-        for row in self.conn.execute(f"SELECT {cols}, id FROM tasks WHERE uuid = ANY(%s)", (ids,)):
-            record = dict(zip(TASK_COLUMNS, row[:-1], strict=True))
-            record["id"] = row[-1]
-            found[row[0]] = record
+        rows = self.conn.execute(
+            f"SELECT {cols}, id FROM tasks WHERE uuid = ANY(%s)", (list(asked),)
+        )
+        for row in rows:
+            for uuid in asked[row[0]]:
+                record = dict(zip(TASK_COLUMNS, row[:-1], strict=True))
+                record["id"] = row[-1]
+                record["uuid"] = uuid
+                found[uuid] = record
         return found
 
     def load_workers(self) -> dict[str, dict[str, Any]]:
@@ -736,6 +767,26 @@ class PostgresReader:
         """One page of tasks in order, each as Celery's ``as_dict()`` with children."""
         if q.limit is not None and q.limit <= 0:
             return []
+        # Only a kwargs pair needs the walk: for substring terms and states the planner
+        # itself walks the sort index and filters (2-7 ms a page on 10M tasks, broad or
+        # not), but a pair's ordering fence (``_order``) makes it fetch and sort every
+        # match, seconds for a pair a tenth of the history has (docs/performance.md).
+        if (
+            q.search is not None
+            and has_kwargs_pair(q.search)
+            and q.limit is not None
+            and q.sort_by in WALK_SORTS
+        ):
+            page = self._walk(q)
+            if page is not None:
+                return page
+        return self.exact_page(q)
+
+    def exact_page(self, q: TaskQuery) -> list[dict[str, Any]]:
+        """The page by one query over all matching tasks: what a search walk must equal,
+        and the plan for rare terms (the trigram index hands over their few matches)."""
+        if q.limit is not None and q.limit <= 0:
+            return []
         where, params = self._where(q)
         sql = f"SELECT {_SELECT} FROM tasks WHERE {where} ORDER BY {self._order(q)}"
         sql += " LIMIT %s OFFSET %s"
@@ -744,6 +795,57 @@ class PostgresReader:
         limit = None if q.limit is None else min(q.limit, SQL_MAX_INT)
         params += [limit, min(max(q.offset, 0), SQL_MAX_INT)]
         tasks = [task_from_row(row) for row in self.raw.execute(sql, params)]
+        self._fill_children(tasks)
+        return tasks
+
+    def _walk(self, q: TaskQuery) -> list[dict[str, Any]] | None:
+        """A search page found by walking the sort order newest-first (or as requested) in
+        growing windows, testing only each window's rows against the search.
+
+        The planner cannot estimate how many tasks a kwargs pair matches, so such searches
+        fetch every match and sort them (``_order``), seconds for a pair a tenth of 10M
+        tasks hold; walking finds the newest matches at once. A window of
+        the sort order's first ``W`` rows (the filters applied, the search not) is read
+        through its B-tree index and the search tested on those rows alone; the page is the
+        window's first matches, in one statement and so one snapshot, hence exactly the
+        rows and order of the full plan. The window grows while the page is short and the
+        window was full; ``None`` (use ``exact_page``) once the density seen says the page
+        lies beyond ``PG_WALK_BUDGET`` rows: a term that rare is cheap to fetch whole.
+        """
+        assert q.limit is not None
+        need = max(q.offset, 0) + q.limit
+        if need > PG_WALK_BUDGET:
+            return None
+        plain = replace(q, search=None)
+        base, base_params = self._where(plain)
+        order = self._order(plain)
+        search, search_params = compile_query(q.search, self.states())
+        sql = (
+            f"SELECT count(*), (array_agg(tasks.id ORDER BY {order}) FILTER (WHERE {search}))"
+            f"[1:%s::int] FROM (SELECT tasks.* FROM tasks WHERE {base} ORDER BY {order} LIMIT %s)"
+            " AS tasks"
+        )
+        window = min(max(WALK_FIRST, 4 * need), PG_WALK_BUDGET)
+        with self.raw.transaction():
+            # Rounds and the final read share one snapshot.
+            self.raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            while True:
+                row = self.raw.execute(sql, [*search_params, need, *base_params, window])
+                walked, found = row.fetchone()  # type: ignore[misc]
+                found = found or []
+                if len(found) >= need or walked < window:
+                    break
+                # Rows still to walk at the density seen so far (one match if none yet).
+                ahead = (need - len(found)) * walked / max(len(found), 1)
+                if window >= PG_WALK_BUDGET or walked + ahead > PG_WALK_BUDGET:
+                    return None
+                window = min(max(2 * window, int(1.25 * (walked + ahead))), PG_WALK_BUDGET)
+            page = found[max(q.offset, 0) : need]
+            rows = self.raw.execute(
+                f"SELECT {_SELECT}, tasks.id FROM tasks WHERE tasks.id = ANY(%s)", (page,)
+            ).fetchall()
+        by_id = {row[-1]: row[:-1] for row in rows}
+        tasks = [task_from_row(by_id[i]) for i in page]
         self._fill_children(tasks)
         return tasks
 
