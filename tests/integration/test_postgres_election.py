@@ -45,8 +45,8 @@ def test_one_writer_leads_and_the_next_resumes(pg_url: str) -> None:
         assert a.try_lead()  # re-entrant for the holder
         a.write(one_task("t1", 1.0))
         a.write(one_task("t2", 2.0))
-        a.close()  # the leader's session ends: the lock goes with it
-        assert b.try_lead()
+        a.close()  # the leader's session ends: the lock goes with it (a moment later)
+        wait_until(b.try_lead, timeout=10, what="b to win the lock after a closed")
         assert (b.seq, b.task_count) == (2, 2)
         b.write(one_task("t3", 3.0))
         reader = PostgresReader(pg_url)

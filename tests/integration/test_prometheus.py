@@ -27,7 +27,7 @@ EXAMPLE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "stamen-dashboard.json"
 
 #: Metric names in PromQL: ours and those of the collectors every scrape carries.
-_METRIC = re.compile(r"\b((?:flower|celery|process|python)_[A-Za-z0-9_]*)")
+_METRIC = re.compile(r"\b((?:flower|stamen|celery|process|python)_[A-Za-z0-9_]*)")
 
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -111,7 +111,7 @@ def test_prometheus_scrapes_stamen(redis_cluster: Cluster, prometheus: str) -> N
         return rules if rules and done else []
 
     rules = wait_until(rules_evaluated, timeout=30, what="alert rules evaluated")
-    assert len(rules) == 6
+    assert len(rules) == 7
     assert {r["health"] for r in rules} == {"ok"}, rules
 
 
