@@ -183,6 +183,11 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   default 1; env FLOWER_COMMIT_INTERVAL.
 # commit_interval = 1.0
 
+# events received but not yet stored beyond which receiving waits for storing to catch up
+#   (bounds memory; meanwhile events wait in the broker, see docs/performance.md); 0 for
+#   no bound. Type int, default 100000; env FLOWER_MAX_PENDING_EVENTS.
+# max_pending_events = 100000
+
 # on Redis, read events straight from pub/sub (same events as kombu's path, several times
 #   cheaper). Type bool, default true; env FLOWER_EVENT_FAST_PATH.
 # event_fast_path = True

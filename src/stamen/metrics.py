@@ -481,6 +481,11 @@ class ScrapeCollector(Collector):
             "Events received and waiting to be stored.",
             float(len(pending)),
         )
+        yield _counter(
+            "stamen_ingest_receive_pauses",
+            "Times receiving waited for storing to catch up (--max_pending_events reached).",
+            float(services.ingester.receive_pauses),
+        )
         yield _gauge(
             "stamen_ingest_leader",
             "1 while this instance receives and stores events; 0 on a standby sharing a "

@@ -68,7 +68,11 @@ class Services:
             max_task_age=settings.max_task_age,
             max_workers=settings.max_workers,
         )
-        self.ingester = Ingester(self.writer, max_workers=settings.max_workers)
+        self.ingester = Ingester(
+            self.writer,
+            max_workers=settings.max_workers,
+            max_pending=settings.max_pending_events,
+        )
         self.receiver = self._new_receiver()
         self.enabler = EventsEnabler(app) if settings.enable_events else None
         self.inspector = Inspector(app, settings.inspect_timeout / 1000.0)

@@ -461,14 +461,19 @@ def test_silent_connection_is_checked_with_pings(tmp_path: Path) -> None:
 
 
 class FakeIngester:
-    """What the receiver thread needs of an Ingester: ``pending`` and ``flush``."""
+    """What the receiver and flush threads need of an Ingester: ``pending``, the batch
+    bounds and ``flush`` (no bound on pending events)."""
+
+    batch_size = 2000
+    max_batch = 10_000
+    full = False
 
     def __init__(self) -> None:
         self.pending: deque[Any] = deque()
         self.stored: list[Any] = []
 
-    def flush(self) -> int:
-        n = len(self.pending)
+    def flush(self, limit: int | None = None) -> int:
+        n = len(self.pending) if limit is None else min(limit, len(self.pending))
         self.stored.extend(self.pending.popleft() for _ in range(n))
         return n
 

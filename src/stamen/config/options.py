@@ -175,6 +175,10 @@ OPTIONS: tuple[Option, ...] = (
     _O("commit_interval", "float", 1.0,
        "seconds between commits of ingested events; a crash loses at most this much",
        group="stamen", check=positive),
+    _O("max_pending_events", "int", 100_000,
+       "events received but not yet stored beyond which receiving waits for storing to "
+       "catch up (bounds memory; meanwhile events wait in the broker, see "
+       "docs/performance.md); 0 for no bound", group="stamen", check=non_negative),
     _O("event_fast_path", "bool", True,
        "on Redis, read events straight from pub/sub (same events as kombu's path, "
        "several times cheaper)", group="stamen"),

@@ -65,6 +65,7 @@ class Settings:
     event_queue_ttl: float | None = None  # seconds
     event_queue_max_length: int | None = None
     commit_interval: float = 1.0  # seconds
+    max_pending_events: int = 100_000
     event_fast_path: bool = True
     backfill_interval: float = 60.0  # seconds, 0 disables
     celery_exporter_metrics: bool = False

@@ -1,13 +1,22 @@
 """Ingest: fold received events into task and worker records and flush them in batches.
 
 The receiver thread calls :meth:`Ingester.add` for every event; the flush thread
-(:class:`FlushThread`) calls :meth:`Ingester.flush` every commit interval or when a batch
-is full. Two threads, because SQLite releases the GIL while it writes: receiving the next
-events overlaps with storing the last ones. A flush merges all pending events in arrival
-order (Celery's state rules live in :mod:`stamen.events.merge`), so a task that got four
-events in one batch is written once. Recently touched task records stay in a bounded
-cache, so merging rarely reads the database; memory stays flat however long the history
-is.
+(:class:`FlushThread`) calls :meth:`Ingester.flush`. Two threads, because SQLite releases
+the GIL while it writes: receiving the next events overlaps with storing the last ones.
+
+Batching adapts to the rate: the commit interval is the longest an event waits, not a
+cadence. When a batch's worth is pending the flush starts at once, and when a flush ends
+with a batch's worth pending again the next one follows without waiting, so under load
+each flush takes what arrived during the previous one (bigger batches, same lag) and a
+flush never takes more than ``max_batch`` events (a bounded time). Pending events are
+bounded too: past ``max_pending`` the receiver stops taking messages until the flush
+catches up (:meth:`Ingester.wait_for_room`), so memory stays flat however far behind
+storing falls.
+
+A flush merges the events it takes in arrival order (Celery's state rules live in
+:mod:`stamen.events.merge`), so a task that got four events in one batch is written once.
+Recently touched task records stay in a bounded cache, so merging rarely reads the
+database; memory stays flat however long the history is.
 """
 
 from __future__ import annotations
@@ -40,6 +49,15 @@ def _searchable(task: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(task[f] for f in _SEARCHABLE)
 
 
+#: Events pending that start a flush at once (rather than at the end of the interval).
+BATCH_SIZE = 2_000
+#: Most events one flush takes. Bigger batches store more events per CPU-second (a task
+#: whose events share a batch is written and indexed once), and a flush of this many takes
+#: about half a second on a small, busy machine.
+MAX_BATCH = 20_000
+#: Default bound on events received but not stored yet (``--max_pending_events``).
+MAX_PENDING = 100_000
+
 #: Task records kept for merging (about 1.5 KB each). A task's events arrive within seconds,
 #: and a record that fell out is read back from the store by uuid, so a small cache costs
 #: little ingest speed; 20,000 records cost 30 MB of RSS.
@@ -60,6 +78,9 @@ class Ingester:
         max_workers: int = 5000,
         cache_size: int = CACHE_SIZE,
         on_commit: Callable[[int], None] | None = None,
+        max_pending: int = MAX_PENDING,
+        batch_size: int = BATCH_SIZE,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.writer = writer
         self.max_workers = max_workers
@@ -70,24 +91,58 @@ class Ingester:
         self.custom_states: set[str] = writer.load_custom_states()
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.pending: deque[Mapping[str, Any]] = deque()
+        #: Receiving waits while this many events are pending (0: never).
+        self.max_pending = max_pending
+        #: Pending events worth a flush now; a flush takes at most ``max_batch``.
+        self.batch_size = batch_size
+        self.max_batch = max(max_batch, batch_size)
+        #: Times receiving waited for storing to catch up (episodes, not events).
+        self.receive_pauses = 0
         self.events_ingested = 0
         #: Called after each commit with the events and the batch they made, in the flush
         #: thread (metrics and live updates hang here); an observer must be quick.
         self.observers: list[Callable[[list[Mapping[str, Any]], Batch], None]] = []
         self._lock = threading.Lock()
+        self._room = threading.Condition(threading.Lock())
 
     def add(self, event: Mapping[str, Any]) -> None:
         self.pending.append(event)
 
-    def flush(self) -> int:
-        """Merge and commit everything pending; returns how many events it wrote."""
+    @property
+    def full(self) -> bool:
+        """Whether receiving should wait: ``max_pending`` events are waiting to be stored."""
+        return 0 < self.max_pending <= len(self.pending)
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait until pending events fall below the resume level or ``timeout`` passes;
+        True when there is room.
+
+        Receiving resumes at half of ``max_pending``, not just under it, so a pause lets
+        several flushes run at full batch size instead of waking the receiver per flush.
+        """
+        resume = self.max_pending // 2
+        with self._room:
+            return self._room.wait_for(lambda: len(self.pending) <= resume, timeout)
+
+    def flush(self, limit: int | None = None) -> int:
+        """Merge and commit the oldest pending events, at most ``limit`` of them (all when
+        None); returns how many events it wrote."""
         with self._lock:
             pending = self.pending
-            events = [pending.popleft() for _ in range(len(pending))]
+            count = len(pending) if limit is None else min(limit, len(pending))
+            events = [pending.popleft() for _ in range(count)]
+            if self.max_pending:
+                with self._room:
+                    self._room.notify_all()
             if not events:
                 return 0
+            states_before = set(self.custom_states)
             batch = self._merge(events)
-            trimmed = self.writer.write(batch)
+            try:
+                trimmed = self.writer.write(batch)
+            except BaseException:
+                self._undo(events, batch, states_before)
+                raise
             self._remember(batch.tasks, trimmed.uuids)
             self.events_ingested += len(events)
             if self.on_commit is not None:
@@ -98,6 +153,21 @@ class Ingester:
                 except Exception:
                     log.exception("Ingest observer %r failed", observer)
             return len(events)
+
+    def _undo(self, events: list[Mapping[str, Any]], batch: Batch, states_before: set[str]) -> None:
+        """Forget what merging a batch that failed to commit changed, and put its events
+        back first in line, so the next flush stores them as if this one never ran.
+
+        The merge changed cached task records in place, so those are dropped (the next
+        merge reads them back from the store as committed); names it saw first are
+        forgotten so the retry writes them. While the store stays down, pending events
+        grow to ``max_pending`` and then wait in the broker.
+        """
+        for uuid in batch.tasks:
+            self.cache.pop(uuid, None)
+        self.task_types -= batch.task_types
+        self.custom_states = states_before
+        self.pending.extendleft(reversed(events))
 
     def _merge(self, events: list[Mapping[str, Any]]) -> Batch:
         batch = Batch()
@@ -198,7 +268,8 @@ class Ingester:
 
 
 class FlushThread(threading.Thread):
-    """Commits pending events every ``interval`` seconds, or sooner when asked.
+    """Commits pending events at most ``interval`` seconds after they arrive, sooner when a
+    batch's worth is pending (:meth:`wake`, or left over by the previous flush).
 
     A failed commit is reported through ``on_error`` (an empty message once it works
     again) and the thread carries on: the next batch may well succeed.
@@ -218,26 +289,39 @@ class FlushThread(threading.Thread):
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after one last flush of everything pending."""
+        """Stop after flushing everything pending."""
         self._stopping.set()
         self._wake.set()
         if self.is_alive():
             self.join(timeout)
 
     def run(self) -> None:
+        ingester = self.ingester
         while True:
-            self._wake.wait(self.interval)
+            # A batch's worth left over means storing is busy: go on at once. Otherwise the
+            # interval bounds how long the oldest pending event waits (and, after a failed
+            # commit, how soon the store is tried again).
+            busy = len(ingester.pending) >= ingester.batch_size and not self._failing
+            if not busy and not self._stopping.is_set():
+                self._wake.wait(self.interval)
             self._wake.clear()
             stopping = self._stopping.is_set()
-            try:
-                self.ingester.flush()
-            except Exception as exc:
-                log.exception("Failed to store received events")
-                self.on_error(f"{type(exc).__name__}: {exc}")
-                self._failing = True
-            else:
-                if self._failing:
-                    self.on_error("")
-                    self._failing = False
-            if stopping:
+            if not self._flush(ingester.max_batch) and stopping:
+                log.error("Stopping with %d received events not stored", len(ingester.pending))
                 return
+            if stopping and not ingester.pending:
+                return
+
+    def _flush(self, limit: int) -> bool:
+        """One flush of at most ``limit`` events; False when it failed."""
+        try:
+            self.ingester.flush(limit)
+        except Exception as exc:
+            log.exception("Failed to store received events")
+            self.on_error(f"{type(exc).__name__}: {exc}")
+            self._failing = True
+            return False
+        if self._failing:
+            self.on_error("")
+            self._failing = False
+        return True

@@ -6,8 +6,15 @@ consumes the events. On Redis (unless ``fast_path=False``) a direct pub/sub read
 same clock and timestamp handling, several times faster. Either way each event is handed to
 the :class:`~stamen.events.ingest.Ingester`; the flush thread stores them. When the broker is
 unreachable it retries with capped exponential backoff and logs a change of state once, not
-every retry. If storing falls far behind, receiving waits (bounded memory) rather than
-queueing without limit.
+every retry.
+
+If storing falls far behind (``--max_pending_events`` received and not stored), receiving
+waits until the flush catches up rather than queueing without limit, so memory stays
+bounded. Meanwhile the events wait outside Stamen: on RabbitMQ in Stamen's event queue
+(where ``--event_queue_ttl`` and ``--event_queue_max_length`` apply); on Redis pub/sub in
+the server's output buffer for this subscriber, and past its ``client-output-buffer-limit
+pubsub`` Redis drops the subscription (the events in it are lost; the receiver reconnects).
+Each such pause is logged once and counted (``Ingester.receive_pauses``).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from stamen.health import Health
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
-#: Events waiting to be stored before receiving pauses.
-MAX_PENDING = 200_000
+#: Seconds between checks for a stop request while receiving waits for storing.
+PAUSE_POLL = 0.2
 
 
 class EventReceiverThread(threading.Thread):
@@ -41,7 +48,6 @@ class EventReceiverThread(threading.Thread):
         health: Health,
         *,
         commit_interval: float = 0.5,
-        max_batch: int = 5000,
         queue_ttl: float | None = None,
         queue_max_length: int | None = None,
         fast_path: bool = True,
@@ -51,7 +57,6 @@ class EventReceiverThread(threading.Thread):
         self.ingester = ingester
         self.health = health
         self.commit_interval = commit_interval
-        self.max_batch = max_batch
         self.queue_ttl = queue_ttl
         self.queue_max_length = queue_max_length
         self.fast_path = fast_path
@@ -139,9 +144,24 @@ class EventReceiverThread(threading.Thread):
         self.health.broker_up()
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
-        pending = self.ingester.pending
+        ingester = self.ingester
+        pending = ingester.pending
         pending.append(event)
-        if len(pending) >= self.max_batch:
+        if len(pending) >= ingester.batch_size:
             self.flusher.wake()
-            while len(pending) > MAX_PENDING and not self._stop_event.is_set():
-                time.sleep(0.01)  # storing is far behind: let it catch up
+            if ingester.full:
+                self._wait_for_storing()
+
+    def _wait_for_storing(self) -> None:
+        """Stop taking messages until the flush has caught up (or Stamen stops)."""
+        ingester = self.ingester
+        ingester.receive_pauses += 1
+        log.warning(
+            "Storing is %d events behind (--max_pending_events); receiving waits for it",
+            len(ingester.pending),
+        )
+        started = time.monotonic()
+        while not ingester.wait_for_room(PAUSE_POLL):
+            if self._stop_event.is_set():
+                return
+        log.info("Storing caught up after %.1f s; receiving again", time.monotonic() - started)
