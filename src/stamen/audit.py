@@ -106,6 +106,18 @@ def audit_entries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     return entries
 
 
+def audit_filter(mark: str, user_column: str, **exact: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause and parameters of an audit page filtered by exact column values
+    (``None`` leaves a column out); ``mark`` is the driver's placeholder and
+    ``user_column`` the quoted name PostgreSQL needs for ``user``."""
+    clauses, params = [], []
+    for column, value in exact.items():
+        if value is not None:
+            clauses.append(f"{user_column if column == 'user' else column} = {mark}")
+            params.append(value)
+    return " AND ".join(clauses) or "1 = 1", params
+
+
 def merged_workers(stored: str | None, workers: Iterable[str]) -> str:
     """The JSON worker list of a paused queue with ``workers`` added, sorted."""
     known = json.loads(stored) if stored else []
@@ -217,12 +229,7 @@ class SqliteActionStore:
         user: str | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first, optionally filtered by exact action, target or user."""
-        clauses, params = [], []
-        for column, value in (("action", action), ("target", target), ("user", user)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        where = " AND ".join(clauses) or "1"
+        where, params = audit_filter("?", "user", action=action, target=target, user=user)
         with self._read() as conn:
             if not self._has_table(conn, "audit_log"):
                 return []

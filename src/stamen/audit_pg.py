@@ -27,6 +27,7 @@ import psycopg
 from stamen.audit import (
     AUDIT_COLUMNS,
     audit_entries,
+    audit_filter,
     merged_workers,
     message_text,
     outcome_of,
@@ -171,12 +172,7 @@ class PostgresActionStore:
         user: str | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first, optionally filtered by exact action, target or user."""
-        clauses, params = [], []
-        for column, value in (("action", action), ("target", target), ('"user"', user)):
-            if value is not None:
-                clauses.append(f"{column} = %s")
-                params.append(value)
-        where = " AND ".join(clauses) or "true"
+        where, params = audit_filter("%s", '"user"', action=action, target=target, user=user)
         sql = f"SELECT {_COLUMNS} FROM audit_log WHERE {where} ORDER BY id DESC LIMIT %s OFFSET %s"
         params += [min(limit, SQL_MAX_INT), min(max(offset, 0), SQL_MAX_INT)]
         rows = self._run(lambda conn: conn.execute(sql, params).fetchall())

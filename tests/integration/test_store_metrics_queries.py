@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
-from tests.integration import pgutil
+from tests.integration import test_store_contract
 from tests.integration.test_store_contract import Backend, write_rows
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        made = Backend("sqlite", str(tmp_path / "history.sqlite3"))
-        yield made
-        made.close()
-        return
-    with pgutil.temp_schema() as url:
-        made = Backend("postgres", url)
-        try:
-            yield made
-        finally:
-            made.close()
+#: The contract suite's fixture: each backend, fresh for each test.
+backend = test_store_contract.backend
 
 
-def test_an_empty_store(store: Backend) -> None:
-    store.writer()
-    reader = store.reader()
+def test_an_empty_store(backend: Backend) -> None:
+    backend.writer()
+    reader = backend.reader()
     assert reader.time_span() == (None, None)
     assert reader.state_counts() == []
     assert reader.sent_times([]) == {}
@@ -36,9 +19,9 @@ def test_an_empty_store(store: Backend) -> None:
     assert reader.size_bytes() > 0
 
 
-def test_span_states_and_sent_times(store: Backend) -> None:
+def test_span_states_and_sent_times(backend: Backend) -> None:
     reader = write_rows(
-        store,
+        backend,
         {"uuid": "a", "state": "SUCCESS", "timestamp": 30.0, "sent": 5.0},
         {"uuid": "b", "state": "success", "timestamp": 10.0},
         {"uuid": "c", "state": "FAILURE", "timestamp": 20.0, "sent": 7.5},
