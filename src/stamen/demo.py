@@ -19,6 +19,9 @@ from celery import Celery, chain
 
 log = logging.getLogger("stamen.demo")
 
+#: Seconds to wait for the in-process worker before serving without it.
+WORKER_START_TIMEOUT = 15
+
 
 def make_demo_app() -> Celery:
     app = Celery("demo", broker="memory://", backend="cache+memory://")
@@ -89,8 +92,14 @@ def _produce(app: Celery, stop: threading.Event) -> None:
             log.warning("demo producer: %s", exc)
 
 
-def _run_worker(app: Celery) -> None:
-    worker = app.WorkController(
+def _make_worker(app: Celery, ready: threading.Event) -> Any:
+    """An in-process worker that sets ``ready`` once it consumes."""
+
+    class DemoWorker(app.WorkController):  # type: ignore[name-defined,misc]
+        def on_consumer_ready(self, consumer: Any) -> None:
+            ready.set()
+
+    return DemoWorker(
         hostname="demo-worker@stamen",
         pool_cls="threads",
         concurrency=4,
@@ -99,7 +108,6 @@ def _run_worker(app: Celery) -> None:
         without_mingle=True,
         without_gossip=True,
     )
-    worker.start()
 
 
 def run_demo(settings: Any) -> int:
@@ -112,12 +120,27 @@ def run_demo(settings: Any) -> int:
         address=settings.address or "127.0.0.1",
         unauthenticated_api=True,
     )
-    # The demo worker's per-task INFO lines would drown Stamen's own log.
+    # The demo worker's per-task INFO lines would drown Stamen's own log, and the tasks
+    # that fail on purpose are shown on the pages, not as tracebacks in the terminal.
     logging.getLogger("celery").setLevel(logging.WARNING)
-    threading.Thread(target=_run_worker, args=(app,), name="demo-worker", daemon=True).start()
+    logging.getLogger("celery.app.trace").setLevel(logging.CRITICAL)
+    # The in-memory transport has no host, and kombu says so at every new connection.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+    ready = threading.Event()
+    worker = _make_worker(app, ready)
+    thread = threading.Thread(target=worker.start, name="demo-worker", daemon=True)
+    thread.start()
+    # Serve once the worker answers, so the first inspection finds it.
+    if not ready.wait(WORKER_START_TIMEOUT):
+        log.warning("The demo worker is not ready after %d s; serving anyway", WORKER_START_TIMEOUT)
     stop = threading.Event()
     threading.Thread(target=_produce, args=(app, stop), name="demo-producer", daemon=True).start()
     try:
         return serve(settings, app)
     finally:
         stop.set()
+        # Stopped here, not left to die with the interpreter (whose exit closes the thread
+        # pools its tasks run in, under it).
+        log.info("Stopping the demo worker (tasks it is running finish first)")
+        worker.stop(in_sighandler=False)
+        thread.join(WORKER_START_TIMEOUT)
