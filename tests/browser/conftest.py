@@ -34,11 +34,25 @@ CHROMIUM_ARGS = [
 ]
 
 
+_SCREENSHOTS = pytest.StashKey[Path]()
+
+
 @pytest.fixture(scope="session")
-def screenshots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def screenshots_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Where the pages' screenshots go: kept with pytest's last few temporary folders, and
+    named at the end of the run (a print here would be captured)."""
     path = tmp_path_factory.mktemp("screenshots")
-    print(f"\nbrowser screenshots: {path}")  # noqa: T201 - where to look at the pages
+    request.config.stash[_SCREENSHOTS] = path
     return path
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    path = config.stash.get(_SCREENSHOTS, None)
+    if path is not None:
+        shots = len(list(path.glob("*.png")))
+        terminalreporter.write_line(f"browser screenshots ({shots}): {path}")
 
 
 @pytest.fixture(scope="package")

@@ -40,7 +40,7 @@
     draw("chart-throughput", [x, d.throughput], [{ label: "tasks/min", stroke: color("--accent"), fill: color("--ok-bg"), width: 2 }], "");
     draw("chart-failures", [x, d.failure_rate], [{ label: "failed %", stroke: color("--bad"), width: 2, points: { show: true, size: 5 } }], "%");
     draw("chart-runtime", [x, d.p50, d.p95], [{ label: "p50 s", stroke: color("--run"), width: 2, points: { show: true, size: 5 } }, { label: "p95 s", stroke: color("--warn"), width: 2, points: { show: true, size: 5 } }], "");
-    note.textContent = `${d.finished.toLocaleString()} finished tasks in the last ${range}, in buckets of ${d.bucket >= 3600 ? d.bucket / 3600 + " h" : d.bucket >= 60 ? d.bucket / 60 + " min" : d.bucket + " s"}${d.partial ? " (partial: too many tasks)" : ""}.`;
+    note.textContent = `${d.finished.toLocaleString()} finished task${d.finished === 1 ? "" : "s"} in the last ${range}, in buckets of ${d.bucket >= 3600 ? d.bucket / 3600 + " h" : d.bucket >= 60 ? d.bucket / 60 + " min" : d.bucket + " s"}${d.partial ? " (partial: too many tasks)" : ""}.`;
     const tbody = document.querySelector("#types-table tbody");
     tbody.replaceChildren(...(d.types.length ? d.types.map(row) : [S.el("tr", { class: "empty" }, S.el("td", { colspan: "4" }, "No finished tasks in this period."))]));
     document.body.dataset.chartsReady = "true";
