@@ -57,6 +57,9 @@ def make_demo_app() -> Celery:
     def multiply(x: int, y: int) -> int:
         return x * y
 
+    # The thread pool runs tasks against the default app: without this, results go to
+    # that app's (disabled) backend and the demo's result backend stays empty.
+    app.set_default()
     return app
 
 

@@ -14,9 +14,10 @@ def test_the_demo_runs_a_worker_and_shows_its_tasks(tmp_path: Path) -> None:
     demo = StamenProcess(["demo"], env).start(tmp_path / "demo.log")
     try:
         states: set[str] = set()
+        tasks: dict[str, dict[str, str]] = {}
 
         def varied() -> bool:
-            tasks = demo.get("/api/tasks", params={"limit": 200}).json()
+            tasks.update(demo.get("/api/tasks", params={"limit": 200}).json())
             states.update(t["state"] for t in tasks.values())
             return {"SUCCESS", "FAILURE"} <= states
 
@@ -26,6 +27,11 @@ def test_the_demo_runs_a_worker_and_shows_its_tasks(tmp_path: Path) -> None:
         assert [w["hostname"] for w in workers] == ["demo-worker@stamen"]
         assert "demo.add" in demo.get("/api/task/types").json()["task-types"]
         assert demo.get("/tasks").status_code == 200
+        # The result backend answers, waiting included (the worker shares this process).
+        done = next(t for t in tasks.values() if t["state"] == "SUCCESS")
+        answer = demo.get(f"/api/task/result/{done['uuid']}", params={"timeout": 1})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["state"] == "SUCCESS" and "result" in answer.json()
     finally:
         started = time.monotonic()
         assert demo.stop() == 0

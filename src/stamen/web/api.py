@@ -197,7 +197,9 @@ def _read_result(result: AsyncResult, timeout: float | None) -> dict[str, Any]:
     answer: dict[str, Any] = {"task-id": result.id, "state": result.state}
     if timeout:
         try:
-            result.get(timeout=timeout, propagate=False)
+            # Stamen never runs inside a task, but ``stamen demo`` hosts a worker in this
+            # process, which makes Celery refuse every wait as if it did.
+            result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeout:
             return answer
     elif not result.ready():
