@@ -363,6 +363,7 @@ def measure_walk(url: str, rounds: int) -> dict[str, tuple[float, float]]:
             statistics.median(times["walk"]) * 1000,
             statistics.median(times["exact"]) * 1000,
         )
+    reader.close()
     return found
 
 

@@ -192,6 +192,11 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   cheaper). Type bool, default true; env FLOWER_EVENT_FAST_PATH.
 # event_fast_path = True
 
+# PostgreSQL connections this instance's pages and API share (the ingest writer and its
+#   election lock hold two more); keep instances x (this + 2) under the server's
+#   max_connections. Type int, default 10; env FLOWER_DB_POOL_SIZE.
+# db_pool_size = 10
+
 # seconds between lookups in the result backend of tasks not heard finishing (their events
 #   were missed), also done at start; 0 disables. Type float, default 60; env
 #   FLOWER_BACKFILL_INTERVAL.

@@ -67,6 +67,7 @@ class Services:
             max_tasks=settings.max_tasks,
             max_task_age=settings.max_task_age,
             max_workers=settings.max_workers,
+            pool_size=settings.db_pool_size,
         )
         self.ingester = Ingester(
             self.writer,
@@ -184,6 +185,7 @@ class Services:
         else:
             self.ingester.flush()
         self.writer.close()
+        self.reader.close()
         self.actions.close()
         self.queues.close()
         self.inspector.close()

@@ -243,4 +243,4 @@ def test_a_pass_over_a_postgresql_history() -> None:
             assert waits is not None and waits["state"] == "STARTED"
         finally:
             writer.close()
-            reader.raw.close()  # this thread's connection: the schema is dropped next
+            reader.close()  # the schema is dropped next

@@ -68,10 +68,7 @@ class Backend:
 
     def close(self) -> None:
         for item in self.opened:
-            if hasattr(item, "close"):
-                item.close()
-            elif hasattr(item, "_local") and getattr(item._local, "conn", None) is not None:
-                item._local.conn.close()
+            item.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -874,15 +871,17 @@ def test_postgres_queries_can_use_their_index(pg_url: str, query: TaskQuery, ind
     writer.close()
     reader = PostgresReader(pg_url)
     where, params = reader._where(query)
-    reader.raw.execute("SET enable_seqscan = off")
-    plan = "\n".join(
-        row[0]
-        for row in reader.raw.execute(
-            f"EXPLAIN SELECT uuid FROM tasks WHERE {where} ORDER BY {reader._order(query)} "
-            "LIMIT %s",
-            [*params, query.limit],
+    with reader.connection() as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                f"EXPLAIN SELECT uuid FROM tasks WHERE {where} ORDER BY {reader._order(query)} "
+                "LIMIT %s",
+                [*params, query.limit],
+            )
         )
-    )
+    reader.close()
     assert index in plan and "Seq Scan" not in plan, plan
 
 
@@ -975,14 +974,16 @@ def test_postgres_search_walk_gives_the_exact_plans_page(pg_url: str) -> None:
         for page in WALK_PAGES:
             query = TaskQuery(search=parse_query(text), limit=50, **page)
             exact = reader.exact_page(query)
-            walk = reader._walk(query)
+            with reader.connection():
+                walk = reader._walk(query)
             if walk is not None:
                 walked += 1
                 assert walk == exact, (text, page)
             assert reader.list_tasks(query) == exact, (text, page)
     assert walked >= len(WALK_PAGES) * 3
     # A broad term is found by walking; one that matches no recent task hands over.
-    assert reader._walk(TaskQuery(search=parse_query("common"), limit=100)) is not None
-    assert reader._walk(TaskQuery(search=parse_query("kwargs:n=1"), limit=100)) is not None
-    assert reader._walk(TaskQuery(search=parse_query("only-old"), limit=100)) is None
+    with reader.connection():
+        assert reader._walk(TaskQuery(search=parse_query("common"), limit=100)) is not None
+        assert reader._walk(TaskQuery(search=parse_query("kwargs:n=1"), limit=100)) is not None
+        assert reader._walk(TaskQuery(search=parse_query("only-old"), limit=100)) is None
     assert uuids(reader, search="only-old", limit=100) == ["w00002"]

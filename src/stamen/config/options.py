@@ -182,6 +182,10 @@ OPTIONS: tuple[Option, ...] = (
     _O("event_fast_path", "bool", True,
        "on Redis, read events straight from pub/sub (same events as kombu's path, "
        "several times cheaper)", group="stamen"),
+    _O("db_pool_size", "int", 10,
+       "PostgreSQL connections this instance's pages and API share (the ingest writer and "
+       "its election lock hold two more); keep instances x (this + 2) under the server's "
+       "max_connections", group="stamen", check=positive),
     _O("backfill_interval", "float", 60.0,
        "seconds between lookups in the result backend of tasks not heard finishing (their "
        "events were missed), also done at start; 0 disables", group="stamen",

@@ -67,6 +67,7 @@ class Settings:
     commit_interval: float = 1.0  # seconds
     max_pending_events: int = 100_000
     event_fast_path: bool = True
+    db_pool_size: int = 10
     backfill_interval: float = 60.0  # seconds, 0 disables
     celery_exporter_metrics: bool = False
     admins: list[str] = field(default_factory=list)

@@ -14,12 +14,18 @@ from typing import Any
 from stamen.store import HistoryReader, HistoryWriter, is_postgres_url
 
 
-def open_store(db: str | Path, **limits: Any) -> tuple[HistoryWriter, HistoryReader]:
-    """A writer (schema migrated) and a reader for ``db``: a PostgreSQL URL or a SQLite path."""
-    if isinstance(db, str) and is_postgres_url(db):
-        from stamen.store.postgres import PostgresReader, PostgresWriter
+def open_store(
+    db: str | Path, *, pool_size: int | None = None, **limits: Any
+) -> tuple[HistoryWriter, HistoryReader]:
+    """A writer (schema migrated) and a reader for ``db``: a PostgreSQL URL or a SQLite path.
 
-        return PostgresWriter(db, **limits), PostgresReader(db)
+    ``pool_size`` bounds a PostgreSQL reader's connections (SQLite has no server to spare).
+    """
+    if isinstance(db, str) and is_postgres_url(db):
+        from stamen.store.postgres import READER_CONNECTIONS, PostgresReader, PostgresWriter
+
+        writer = PostgresWriter(db, **limits)
+        return writer, PostgresReader(db, pool_size or READER_CONNECTIONS)
     from stamen.store.reader import StoreReader
     from stamen.store.writer import StoreWriter
 

@@ -26,17 +26,20 @@ extension cannot be created, the store works and search scans (a warning says so
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from stamen.model import CELERY_STATES, WORKER_FIELDS
 from stamen.search.pg import SEARCH_TEXT, ascii_lower, compile_query, has_kwargs_pair, nocase_c
@@ -88,6 +91,16 @@ def is_postgres_url(db: str) -> bool:
     return db.startswith(URL_SCHEMES)
 
 
+def _named(url: str) -> dict[str, str]:
+    """``application_name=stamen``, unless the URL names the application itself (so an
+    operator can tell instances apart in ``pg_stat_activity``)."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        given = {}
+    return {} if given.get("application_name") else {"application_name": "stamen"}
+
+
 def connect(url: str, *, readonly: bool = False, writer: bool = False) -> psycopg.Connection[Any]:
     """An autocommit connection (transactions are explicit, reads see the latest commit).
 
@@ -103,7 +116,7 @@ def connect(url: str, *, readonly: bool = False, writer: bool = False) -> psycop
         extra = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2}
         extra["keepalives_count"] = 2
     try:
-        conn = psycopg.connect(url, autocommit=True, application_name="stamen", **extra)
+        conn = psycopg.connect(url, autocommit=True, **_named(url), **extra)
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
     if readonly:
@@ -664,58 +677,103 @@ class PostgresWriter:
 
 # --- the reader ---------------------------------------------------------------------------
 
-_QMARK = re.compile(r"\?")
-_INDEXED_BY = re.compile(r"\s+INDEXED\s+BY\s+\w+", re.IGNORECASE)
-_NOCASE = re.compile(r"\s+COLLATE\s+NOCASE", re.IGNORECASE)
+#: Default bound on the reader's connections (``--db_pool_size``).
+READER_CONNECTIONS = 10
+#: Seconds a query waits for a free reader connection before failing (a 503 on the API).
+POOL_TIMEOUT = 30.0
 
 
-class SqliteDialectConnection:
-    """``reader.conn`` for code written against SQLite (stats, live, metrics): rewrites the
-    few SQLite-isms they use (``?`` placeholders, ``INDEXED BY``, ``COLLATE NOCASE``, which
-    becomes exact comparison) and runs the query on PostgreSQL. A stopgap until those
-    queries move into the reader interface."""
+def _reader_session(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET default_transaction_read_only = on")
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.raw = conn
 
-    @staticmethod
-    def translate(sql: str) -> str:
-        sql = _NOCASE.sub("", _INDEXED_BY.sub("", sql))
-        return _QMARK.sub("%s", sql.replace("%", "%%"))
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
-        return self.raw.execute(self.translate(sql), list(params))
+
+def _borrows(method: _Method) -> _Method:
+    """Run a reader method on a connection borrowed from the pool for the call (a call made
+    from inside another one uses the outer call's connection)."""
+
+    @functools.wraps(method)
+    def borrowing(self: PostgresReader, *args: Any, **kwargs: Any) -> Any:
+        with self.connection():
+            return method(self, *args, **kwargs)
+
+    return borrowing  # type: ignore[return-value]
 
 
 class PostgresReader:
-    """Queries over the history; safe to call from any thread (one connection per thread)."""
+    """Queries over the history; safe to call from any thread.
 
-    def __init__(self, url: str) -> None:
+    Each call borrows a connection from a pool of at most ``connections`` for its duration,
+    so the connections an instance holds stay bounded however many threads serve requests
+    (PostgreSQL's default ``max_connections`` is 100, shared by every instance). A call
+    that finds them all busy waits up to ``POOL_TIMEOUT``; a connection the server dropped
+    is found out on checkout and replaced.
+    """
+
+    def __init__(self, url: str, connections: int = READER_CONNECTIONS) -> None:
         self.url = url
         self.path = url
         self._local = threading.local()
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=connections,
+            kwargs={"autocommit": True, **_named(url)},
+            configure=_reader_session,
+            check=ConnectionPool.check_connection,
+            timeout=POOL_TIMEOUT,
+            name="stamen-reader",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=POOL_TIMEOUT)
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self._pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """This thread's connection for the block: borrowed from the pool, or the one an
+        enclosing block already holds."""
+        local = self._local
+        held = getattr(local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        with self._pool.connection() as conn:
+            local.conn = conn
+            try:
+                yield conn
+            finally:
+                local.conn = None
 
     @property
     def raw(self) -> psycopg.Connection[Any]:
+        """The connection of the call in progress on this thread."""
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = self._local.conn = connect(self.url, readonly=True)
+        if conn is None:
+            raise RuntimeError("PostgresReader.raw is only valid inside a reader method")
         return conn
-
-    @property
-    def conn(self) -> SqliteDialectConnection:
-        return SqliteDialectConnection(self.raw)
 
     def _meta(self, key: str, default: Any = None) -> Any:
         row = self.raw.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
         return default if row is None else row[0]
 
+    @_borrows
     def seq(self) -> int:
         return int(self._meta("seq", 0))
 
+    @_borrows
     def task_count(self) -> int:
         return int(self._meta("task_count", 0))
 
+    @_borrows
     def states(self) -> list[str]:
         custom = self._meta("custom_states")
         return [*CELERY_STATES, *(orjson.loads(custom) if custom else ())]
@@ -763,6 +821,7 @@ class PostgresReader:
             key = f"(tasks.{q.sort_by}{fence})"
         return f'{key} {direction}, tasks.uuid COLLATE "C" {direction}'
 
+    @_borrows
     def list_tasks(self, q: TaskQuery) -> list[dict[str, Any]]:
         """One page of tasks in order, each as Celery's ``as_dict()`` with children."""
         if q.limit is not None and q.limit <= 0:
@@ -782,6 +841,7 @@ class PostgresReader:
                 return page
         return self.exact_page(q)
 
+    @_borrows
     def exact_page(self, q: TaskQuery) -> list[dict[str, Any]]:
         """The page by one query over all matching tasks: what a search walk must equal,
         and the plan for rare terms (the trigram index hands over their few matches)."""
@@ -849,6 +909,7 @@ class PostgresReader:
         self._fill_children(tasks)
         return tasks
 
+    @_borrows
     def count_tasks(self, q: TaskQuery) -> int:
         where, params = self._where(q)
         if where == "TRUE":
@@ -856,6 +917,7 @@ class PostgresReader:
         row = self.raw.execute(f"SELECT count(*) FROM tasks WHERE {where}", params).fetchone()
         return int(row[0]) if row else 0
 
+    @_borrows
     def get_task(self, uuid: str) -> dict[str, Any] | None:
         row = self.raw.execute(
             f"SELECT {_SELECT} FROM tasks WHERE uuid = %s", (_text(uuid),)
@@ -880,10 +942,12 @@ class PostgresReader:
         ):
             by_id[parent_id]["children"].append(uuid)
 
+    @_borrows
     def task_types(self) -> list[str]:
         rows = self.raw.execute('SELECT name FROM task_types ORDER BY name COLLATE "C"')
         return [r[0] for r in rows]
 
+    @_borrows
     def workers(self) -> dict[str, dict[str, Any]]:
         """Every known worker's Celery fields plus ``timestamp`` (its last event)."""
         cols = ", ".join(_WORKER_COLUMNS)
@@ -893,6 +957,7 @@ class PostgresReader:
             found[worker["hostname"]] = worker
         return found
 
+    @_borrows
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-hostname event counts, hosts and types in the order they were first seen."""
         found: dict[str, dict[str, int]] = {}
@@ -902,6 +967,7 @@ class PostgresReader:
             found.setdefault(host, {})[kind] = int(count)
         return found
 
+    @_borrows
     def task_rollups(self, width: int, start: float) -> list[RollupRow]:
         """Task rollup rows of bucket width ``width`` from the bucket starting at ``start``."""
         return self.raw.execute(
@@ -910,6 +976,7 @@ class PostgresReader:
             (width, start),
         ).fetchall()
 
+    @_borrows
     def failure_rollups(self, width: int, start: float) -> list[FailureRow]:
         """Failure group rows of bucket width ``width`` from the bucket starting at ``start``."""
         return self.raw.execute(
@@ -918,6 +985,7 @@ class PostgresReader:
             (width, start),
         ).fetchall()
 
+    @_borrows
     def task_exceptions(self, uuids: Iterable[str]) -> dict[str, tuple[Any, Any]]:
         """(exception, traceback) of those of ``uuids`` still stored."""
         ids = [_text(u) for u in uuids]
@@ -928,6 +996,7 @@ class PostgresReader:
         )
         return {uuid: (exception, traceback) for uuid, exception, traceback in rows}
 
+    @_borrows
     def workflow_rows(self, taskid: str, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
         """The root id of ``taskid``'s workflow and up to ``limit`` of its tasks."""
         row = self.raw.execute(
@@ -946,6 +1015,7 @@ class PostgresReader:
 
     # What ``/metrics`` computes at scrape time.
 
+    @_borrows
     def sent_times(self, uuids: Iterable[str]) -> dict[str, float]:
         """``task-sent`` time of those of ``uuids`` stored with one."""
         ids = [_text(u) for u in uuids]
@@ -956,12 +1026,14 @@ class PostgresReader:
         )
         return {uuid: float(sent) for uuid, sent in rows}
 
+    @_borrows
     def time_span(self) -> tuple[float | None, float | None]:
         """Timestamps of the oldest and newest task kept (``None`` when empty); both ends
         of ``tasks_by_time``."""
         row = self.raw.execute("SELECT min(timestamp), max(timestamp) FROM tasks").fetchone()
         return (row[0], row[1]) if row else (None, None)
 
+    @_borrows
     def state_counts(self) -> list[tuple[str, int]]:
         """Tasks per state (states differing in ASCII case count as one, named by the first
         spelling in code point order), in case-folded order, as the SQLite store gives them."""
@@ -974,6 +1046,7 @@ class PostgresReader:
             group[1] += int(n)
         return [(str(state), n) for _, (state, n) in sorted(groups.items())]
 
+    @_borrows
     def size_bytes(self) -> int:
         """Bytes the history's schema takes on the server: every table with its indexes."""
         row = self.raw.execute(
@@ -982,6 +1055,7 @@ class PostgresReader:
         ).fetchone()
         return int(row[0]) if row else 0
 
+    @_borrows
     def changed_tasks(self, since: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         """The newest ``limit`` tasks written after change number ``since`` (the live pages'
         columns only) and how many there are, counted up to ``limit + 1``; ``tasks_by_seq``

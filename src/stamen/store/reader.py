@@ -168,6 +168,9 @@ class StoreReader:
             conn = self._local.conn = connect(self.path, readonly=True)
         return conn
 
+    def close(self) -> None:
+        """Nothing to release: each thread's connection to the file closes with its thread."""
+
     def _meta(self, key: str, default: Any = None) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else row[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timezone, tzinfo
@@ -32,6 +33,7 @@ from stamen.cluster.queues import UnsupportedBroker
 from stamen.search.parser import SearchError, parse_query
 from stamen.services import Services
 from stamen.store.reader import SORTABLE, TaskQuery
+from stamen.store.sqlite import StoreError
 from stamen.web import gate, present, roles, stats
 from stamen.web.api import _local_time
 from stamen.web.args import Args
@@ -566,8 +568,26 @@ def logout_page(request: Request) -> Response:
     return render(request, "logout.html", title="Logged out")
 
 
+def _store_unavailable(exc: Exception) -> bool:
+    """Whether ``exc`` says the history database cannot answer now (PostgreSQL down, or
+    every reader connection busy past the pool's timeout), rather than a bug."""
+    if isinstance(exc, StoreError):
+        return True
+    psycopg = sys.modules.get("psycopg")  # loaded only when the history is in PostgreSQL
+    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    """An unexpected error: our 500 page for pages, an empty 500 for the API (as Flower)."""
+    """An unexpected error: our 500 page for pages, an empty 500 for the API (as Flower).
+
+    An unavailable history database is a 503 instead, which a load balancer or a script
+    may retry, with one line in the log rather than a traceback."""
+    if _store_unavailable(exc):
+        log.warning("History database unavailable for %s: %s", request.url.path, exc)
+        message = "The history database is unavailable; try again shortly."
+        if request.url.path.startswith("/api/"):
+            return Response(message, status_code=503, media_type="text/plain")
+        return render(request, "error.html", status=503, title="Error 503", message=message)
     log.error("Error handling %s %s", request.method, request.url.path, exc_info=exc)
     if request.url.path.startswith("/api/"):
         return Response(status_code=500)
