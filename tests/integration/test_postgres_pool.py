@@ -83,13 +83,34 @@ def test_many_threads_share_a_bounded_number_of_connections(pg_url: str) -> None
     assert _ours() == []  # closing the reader closes its connections
 
 
-def test_a_connection_the_server_dropped_is_replaced(pg_url: str) -> None:
+def _drop_ours() -> None:
+    with psycopg.connect(pgutil.SERVER, autocommit=True) as admin:
+        for pid in _ours():
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_an_idle_connection_the_server_dropped_is_replaced_unnoticed(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stamen.store import postgres
+
+    monkeypatch.setattr(postgres, "IDLE_CHECK", 0.0)  # every connection counts as idle
     reader = PostgresReader(pg_url, connections=2)
     try:
         assert reader.task_count() == 50
-        with psycopg.connect(pgutil.SERVER, autocommit=True) as admin:
-            for pid in _ours():
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        _drop_ours()
+        assert reader.task_count() == 50
+    finally:
+        reader.close()
+
+
+def test_a_busy_connection_the_server_dropped_fails_one_call_only(pg_url: str) -> None:
+    reader = PostgresReader(pg_url, connections=1)
+    try:
+        assert reader.task_count() == 50
+        _drop_ours()  # used a moment ago, so not checked before the next call
+        with pytest.raises(psycopg.OperationalError):
+            reader.task_count()
         assert reader.task_count() == 50
     finally:
         reader.close()
