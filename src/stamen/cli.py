@@ -339,8 +339,13 @@ def load_celery_app(name: str | None) -> Any:
 def run_server(settings: Settings, celery_app: Any, *, quiet: bool) -> int | None:
     """Start the monitor; imported late so that ``--help`` and config errors stay fast."""
     from stamen.server import serve
+    from stamen.store.sqlite import StoreError
 
-    return serve(settings, celery_app, quiet=quiet)
+    try:
+        return serve(settings, celery_app, quiet=quiet)
+    except StoreError as exc:  # the history cannot be opened: say why, in one line
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
 
 
 # --- entry point -------------------------------------------------------------------------

@@ -9,9 +9,23 @@ migrate a shared PostgreSQL database once, before rolling out a new Stamen every
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from stamen.store import HistoryReader, HistoryWriter, is_postgres_url
+from stamen.store.sqlite import StoreError
+
+
+def _postgres() -> ModuleType:
+    """The PostgreSQL store, or a StoreError saying how to install what it needs."""
+    try:
+        from stamen.store import postgres
+    except ImportError as exc:
+        raise StoreError(
+            f"--db names a PostgreSQL database, but {exc.name} is not installed: "
+            "pip install 'stamen[postgres]'"
+        ) from None
+    return postgres
 
 
 def open_store(
@@ -22,10 +36,9 @@ def open_store(
     ``pool_size`` bounds a PostgreSQL reader's connections (SQLite has no server to spare).
     """
     if isinstance(db, str) and is_postgres_url(db):
-        from stamen.store.postgres import READER_CONNECTIONS, PostgresReader, PostgresWriter
-
-        writer = PostgresWriter(db, **limits)
-        return writer, PostgresReader(db, pool_size or READER_CONNECTIONS)
+        postgres = _postgres()
+        writer = postgres.PostgresWriter(db, **limits)
+        return writer, postgres.PostgresReader(db, pool_size or postgres.READER_CONNECTIONS)
     from stamen.store.reader import StoreReader
     from stamen.store.writer import StoreWriter
 
@@ -38,8 +51,7 @@ def upgrade(db: str | Path) -> str:
     Raises ``StoreError`` for a database that is not Stamen's or is newer than this Stamen.
     """
     if isinstance(db, str) and is_postgres_url(db):
-        from stamen.store import postgres
-
+        postgres = _postgres()
         with postgres.connect(db) as conn:
             before = postgres.schema_version(conn)
             after = postgres.migrate(conn)

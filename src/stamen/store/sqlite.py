@@ -39,7 +39,12 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     with the number of web threads and the history's size. Reads through the kernel's file
     cache cost about the same for the store's indexed queries.
     """
-    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    try:
+        conn = sqlite3.connect(
+            str(path), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:  # a missing folder, no permission
+        raise StoreError(f"cannot open the history file {path}: {exc}") from None
     cache_kib = READER_CACHE_KIB if readonly else WRITER_CACHE_KIB
     try:
         conn.execute("PRAGMA journal_mode=WAL")
