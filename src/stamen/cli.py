@@ -336,11 +336,27 @@ def load_celery_app(name: str | None) -> Any:
         raise ConfigError(f"unable to load Celery app {name!r}: {exc}") from None
 
 
+def _broker_problem(celery_app: Any) -> str | None:
+    """Why the broker URL cannot work at all (an unknown scheme, a transport whose library
+    is missing), found before serving; None when it may (reachability is checked later,
+    and retried)."""
+    try:
+        with celery_app.connection_for_read() as connection:
+            connection.get_transport_cls()  # imports the transport; connects to nothing
+    except (KeyError, ImportError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        return f"unusable broker: {reason}"
+    return None
+
+
 def run_server(settings: Settings, celery_app: Any, *, quiet: bool) -> int | None:
     """Start the monitor; imported late so that ``--help`` and config errors stay fast."""
     from stamen.server import serve
     from stamen.store.sqlite import StoreError
 
+    problem = _broker_problem(celery_app)
+    if problem:
+        return fail(problem)
     try:
         return serve(settings, celery_app, quiet=quiet)
     except StoreError as exc:  # the history cannot be opened: say why, in one line

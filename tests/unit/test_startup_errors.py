@@ -1,9 +1,11 @@
-"""A history that cannot be opened stops Stamen with one line naming the cause and exit
-status 1, never a traceback: a missing folder, an unreachable PostgreSQL server, the
-PostgreSQL driver not installed."""
+"""What cannot work stops Stamen at start with one line naming the cause, never a
+traceback: a history that cannot be opened (a missing folder, an unreachable PostgreSQL
+server, the PostgreSQL driver not installed; exit status 1) and a broker URL no transport
+serves (exit status 2, as for any bad option)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +60,25 @@ def test_postgresql_without_its_driver_says_what_to_install(
         assert cli.main(args) == 1
         line = _one_line_error(capsys)
         assert "psycopg is not installed" in line and "pip install 'stamen[postgres]'" in line
+
+
+@pytest.mark.parametrize(
+    ("broker", "reason"),
+    [
+        ("foo://somewhere", "No such transport: foo"),
+        pytest.param(
+            "sqs://",
+            "No module named",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("botocore") is not None,
+                reason="the SQS transport's library is installed here",
+            ),
+        ),
+    ],
+)
+def test_a_broker_url_no_transport_serves(
+    capsys: pytest.CaptureFixture[str], broker: str, reason: str
+) -> None:
+    assert cli.main([f"--broker={broker}", "--port=0"]) == 2
+    line = _one_line_error(capsys)
+    assert "unusable broker" in line and reason in line
