@@ -15,6 +15,7 @@ import textwrap
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stamen import __version__
@@ -349,12 +350,20 @@ def _broker_problem(celery_app: Any) -> str | None:
     return None
 
 
+def _socket_problem(unix_socket: str) -> str | None:
+    """Why ``--unix_socket`` cannot be bound: its folder is missing (the server would
+    only find out after starting everything else)."""
+    if unix_socket and not Path(unix_socket).parent.is_dir():
+        return f"invalid value for --unix_socket: the folder of {unix_socket} does not exist"
+    return None
+
+
 def run_server(settings: Settings, celery_app: Any, *, quiet: bool) -> int | None:
     """Start the monitor; imported late so that ``--help`` and config errors stay fast."""
     from stamen.server import serve
     from stamen.store.sqlite import StoreError
 
-    problem = _broker_problem(celery_app)
+    problem = _broker_problem(celery_app) or _socket_problem(settings.unix_socket)
     if problem:
         return fail(problem)
     try:

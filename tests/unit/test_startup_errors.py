@@ -1,7 +1,7 @@
 """What cannot work stops Stamen at start with one line naming the cause, never a
 traceback: a history that cannot be opened (a missing folder, an unreachable PostgreSQL
 server, the PostgreSQL driver not installed; exit status 1) and a broker URL no transport
-serves (exit status 2, as for any bad option)."""
+serves or a unix socket in a missing folder (exit status 2, as for any bad option)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,11 @@ def test_a_broker_url_no_transport_serves(
     assert cli.main([f"--broker={broker}", "--port=0"]) == 2
     line = _one_line_error(capsys)
     assert "unusable broker" in line and reason in line
+
+
+def test_a_unix_socket_in_a_missing_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    sock = tmp_path / "missing" / "stamen.sock"
+    assert cli.main([f"--unix_socket={sock}"]) == 2
+    assert f"the folder of {sock} does not exist" in _one_line_error(capsys)
