@@ -218,3 +218,18 @@ def test_dead_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> N
     assert inspector.workers == {}
     failures = [m for m in caplog.messages if m.startswith("Inspect method stats failed: ")]
     assert failures and "Connection refused" in failures[0]
+
+
+def test_a_refused_login_is_one_line_per_method(caplog: pytest.LogCaptureFixture) -> None:
+    app = Celery(broker="amqp://guest:wrong-password@127.0.0.1:5672//", set_as_current=False)
+    app.conf.broker_connection_max_retries = 0
+    inspector = Inspector(app, TIMEOUT_S)
+    caplog.set_level(logging.WARNING, logger="stamen.cluster.inspector")
+    try:
+        asyncio.run(inspector.inspect())
+    finally:
+        inspector.close()
+        app.close()
+    records = [r for r in caplog.records if r.name == "stamen.cluster.inspector"]
+    assert records and all("ACCESS_REFUSED" in r.getMessage() for r in records)
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)

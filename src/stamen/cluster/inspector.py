@@ -91,13 +91,16 @@ class Inspector:
 
     @staticmethod
     def _find_connection_errors(celery_app: Any) -> tuple[type[BaseException], ...]:
-        """kombu ``OperationalError`` plus the transport's recoverable errors (no I/O)."""
+        """kombu ``OperationalError`` plus the transport's connection and channel errors (no
+        I/O): the broker's trouble, logged in one line (a refused login fails every
+        inspection; a traceback each time would bury the log)."""
         from kombu.exceptions import OperationalError
 
         errors: tuple[type[BaseException], ...] = (OperationalError,)
         # If the transport fails to load, inspect() will fail too, and log why.
         with contextlib.suppress(Exception):
-            errors += tuple(celery_app.connection().recoverable_connection_errors)
+            connection = celery_app.connection()
+            errors += tuple(connection.connection_errors) + tuple(connection.channel_errors)
         return errors
 
     # -- cache --------------------------------------------------------------------------------
