@@ -204,10 +204,8 @@ def test_entries_not_refreshed_are_forgotten(worker: Worker) -> None:
     assert worker.hostname not in inspector.workers
 
 
-def test_dead_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    app = Celery(broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
-    # No kombu publish retries, so the refusal surfaces at once instead of after ~6 s.
-    app.conf.broker_transport_options = {"max_retries": 0}
+def _inspect_unreachable(app: Celery, caplog: pytest.LogCaptureFixture) -> Inspector:
+    """One global inspection against a broker that will not serve it, logs captured."""
     inspector = Inspector(app, TIMEOUT_S)
     caplog.set_level(logging.WARNING, logger="stamen.cluster.inspector")
     try:
@@ -215,6 +213,14 @@ def test_dead_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> N
     finally:
         inspector.close()
         app.close()
+    return inspector
+
+
+def test_dead_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    app = Celery(broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    # No kombu publish retries, so the refusal surfaces at once instead of after ~6 s.
+    app.conf.broker_transport_options = {"max_retries": 0}
+    inspector = _inspect_unreachable(app, caplog)
     assert inspector.workers == {}
     failures = [m for m in caplog.messages if m.startswith("Inspect method stats failed: ")]
     assert failures and "Connection refused" in failures[0]
@@ -223,13 +229,7 @@ def test_dead_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> N
 def test_a_refused_login_is_one_line_per_method(caplog: pytest.LogCaptureFixture) -> None:
     app = Celery(broker="amqp://guest:wrong-password@127.0.0.1:5672//", set_as_current=False)
     app.conf.broker_connection_max_retries = 0
-    inspector = Inspector(app, TIMEOUT_S)
-    caplog.set_level(logging.WARNING, logger="stamen.cluster.inspector")
-    try:
-        asyncio.run(inspector.inspect())
-    finally:
-        inspector.close()
-        app.close()
+    _inspect_unreachable(app, caplog)
     records = [r for r in caplog.records if r.name == "stamen.cluster.inspector"]
     assert records and all("ACCESS_REFUSED" in r.getMessage() for r in records)
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
