@@ -612,6 +612,16 @@ def test_config_file_names_with_dashes_and_ignored_names(tmp_path: Path) -> None
     assert s.port == 5555  # names are case-sensitive
 
 
+def test_config_file_warns_of_a_misspelt_option_only(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    conf = "max_task = 5\nmy_helper_value = 3\ndef max_tasks_for(x):\n    return x\n"
+    s = load(tmp_path, conf=conf, warnings=warnings)
+    assert s.max_tasks == 100_000
+    assert warnings == [
+        f"max_task in {tmp_path / 'flowerconfig.py'} is not an option; did you mean max_tasks?"
+    ]
+
+
 @pytest.mark.parametrize(
     ("conf", "reason"),
     [

@@ -68,7 +68,7 @@ def load_settings(
             raise invalid_value(conf_label, f"config file not found: {conf_path}")
         namespace = run_config_file(conf_path)
         config_file = str(conf_path)
-        from_file = read_config_namespace(namespace, conf_path)
+        from_file = read_config_namespace(namespace, conf_path, warn)
         from_file.pop("conf", None)
 
     values: dict[str, Any] = {opt.name: opt.default for opt in OPTIONS}

@@ -7,9 +7,10 @@ from; ``stamen.config.load`` decides which source wins.
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,13 +165,24 @@ def _walk_tb(tb: types.TracebackType | None) -> list[types.TracebackType]:
     return list(reversed(frames))
 
 
-def read_config_namespace(namespace: Mapping[str, Any], path: Path) -> dict[str, tuple[str, Any]]:
+def read_config_namespace(
+    namespace: Mapping[str, Any],
+    path: Path,
+    warn: Callable[[str], None] = lambda message: None,
+) -> dict[str, tuple[str, Any]]:
+    """The options a config file sets. Other names are the file's own (helpers, imports)
+    and are ignored, as Flower does; one that looks like a misspelt option is worth a
+    warning (``max_task`` would otherwise silently keep the default)."""
     found: dict[str, tuple[str, Any]] = {}
     for key, value in namespace.items():
         if key.startswith("__") or isinstance(value, types.ModuleType):
             continue  # dunders and imports (``import logging``) are not settings
         opt = OPTIONS_BY_NAME.get(key.replace("-", "_"))
         if opt is None:
+            if not callable(value):
+                near = difflib.get_close_matches(key, OPTIONS_BY_NAME, n=1, cutoff=0.85)
+                if near:
+                    warn(f"{key} in {path} is not an option; did you mean {near[0]}?")
             continue
         label = f"{key} in {path}"
         try:
