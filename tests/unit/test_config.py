@@ -612,6 +612,19 @@ def test_config_file_names_with_dashes_and_ignored_names(tmp_path: Path) -> None
     assert s.port == 5555  # names are case-sensitive
 
 
+def test_environment_warns_of_a_misspelt_option_only(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    env = {
+        "FLOWER_MAX_TASK": "5",
+        "FLOWER_UNAUTHENTICATED_API": "true",
+        "FLOWER_GITLAB_OAUTH_DOMAIN": "gitlab.example.com",
+        "FLOWER_SOMETHING_ELSE": "x",
+    }
+    s = load(tmp_path, env=env, warnings=warnings)
+    assert s.max_tasks == 100_000
+    assert warnings == ["FLOWER_MAX_TASK is not an option; did you mean FLOWER_MAX_TASKS?"]
+
+
 def test_config_file_warns_of_a_misspelt_option_only(tmp_path: Path) -> None:
     warnings: list[str] = []
     conf = "max_task = 5\nmy_helper_value = 3\ndef max_tasks_for(x):\n    return x\n"

@@ -56,7 +56,7 @@ def load_settings(
             cli[name] = (label, True if text is None else convert_text(opt, text))
         except ValueError as exc:
             raise invalid_value(label, str(exc)) from None
-    env = read_environ(environ)
+    env = read_environ(environ, warn)
 
     conf_label, conf = cli.get("conf") or env.get("conf") or ("--conf", DEFAULT_CONF)
     conf_path = Path(absolute_path(conf, cwd))

@@ -88,13 +88,35 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
     return result
 
 
-def read_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+#: ``FLOWER_*`` variables Flower reads directly rather than as options (``read_env_extras``).
+ENV_EXTRAS = frozenset(
+    {
+        "FLOWER_UNAUTHENTICATED_API",
+        "FLOWER_GITHUB_OAUTH_DOMAIN",
+        "FLOWER_GITLAB_OAUTH_DOMAIN",
+        "FLOWER_GITLAB_AUTH_ALLOWED_GROUPS",
+        "FLOWER_GITLAB_MIN_ACCESS_LEVEL",
+        "FLOWER_OAUTH2_OKTA_BASE_URL",
+    }
+)
+
+
+def read_environ(
+    environ: Mapping[str, str], warn: Callable[[str], None] = lambda message: None
+) -> dict[str, tuple[str, Any]]:
+    """The options set by ``FLOWER_<NAME>`` variables; a ``FLOWER_`` variable that names no
+    option but looks like a misspelt one is worth a warning, as in a config file."""
     found: dict[str, tuple[str, Any]] = {}
     for key, text in environ.items():
         if not key.startswith("FLOWER_"):
             continue
         opt = OPTIONS_BY_NAME.get(key[len("FLOWER_") :].lower())
         if opt is None:
+            if key not in ENV_EXTRAS:
+                name = key[len("FLOWER_") :].lower()
+                near = difflib.get_close_matches(name, OPTIONS_BY_NAME, n=1, cutoff=0.85)
+                if near:
+                    warn(f"{key} is not an option; did you mean FLOWER_{near[0].upper()}?")
             continue
         try:
             found[opt.name] = (key, convert_text(opt, text))
