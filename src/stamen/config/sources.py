@@ -101,6 +101,13 @@ ENV_EXTRAS = frozenset(
 )
 
 
+def _near_option(name: str) -> str | None:
+    """The option ``name`` looks like a misspelling of, if any (close enough that a
+    variable of the user's own is unlikely to match)."""
+    near = difflib.get_close_matches(name, OPTIONS_BY_NAME, n=1, cutoff=0.85)
+    return near[0] if near else None
+
+
 def read_environ(
     environ: Mapping[str, str], warn: Callable[[str], None] = lambda message: None
 ) -> dict[str, tuple[str, Any]]:
@@ -112,11 +119,9 @@ def read_environ(
             continue
         opt = OPTIONS_BY_NAME.get(key[len("FLOWER_") :].lower())
         if opt is None:
-            if key not in ENV_EXTRAS:
-                name = key[len("FLOWER_") :].lower()
-                near = difflib.get_close_matches(name, OPTIONS_BY_NAME, n=1, cutoff=0.85)
-                if near:
-                    warn(f"{key} is not an option; did you mean FLOWER_{near[0].upper()}?")
+            near = None if key in ENV_EXTRAS else _near_option(key[len("FLOWER_") :].lower())
+            if near:
+                warn(f"{key} is not an option; did you mean FLOWER_{near.upper()}?")
             continue
         try:
             found[opt.name] = (key, convert_text(opt, text))
@@ -201,10 +206,9 @@ def read_config_namespace(
             continue  # dunders and imports (``import logging``) are not settings
         opt = OPTIONS_BY_NAME.get(key.replace("-", "_"))
         if opt is None:
-            if not callable(value):
-                near = difflib.get_close_matches(key, OPTIONS_BY_NAME, n=1, cutoff=0.85)
-                if near:
-                    warn(f"{key} in {path} is not an option; did you mean {near[0]}?")
+            near = None if callable(value) else _near_option(key)
+            if near:
+                warn(f"{key} in {path} is not an option; did you mean {near}?")
             continue
         label = f"{key} in {path}"
         try:
