@@ -704,12 +704,17 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 def _borrows(method: _Method) -> _Method:
     """Run a reader method on a connection borrowed from the pool for the call (a call made
-    from inside another one uses the outer call's connection)."""
+    from inside another one uses the outer call's connection). A server that cannot answer
+    (down, every connection busy past the pool's timeout) is a ``StoreError``, as for
+    SQLite, so callers need not know psycopg's exceptions."""
 
     @functools.wraps(method)
     def borrowing(self: PostgresReader, *args: Any, **kwargs: Any) -> Any:
-        with self.connection():
-            return method(self, *args, **kwargs)
+        try:
+            with self.connection():
+                return method(self, *args, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
 
     return borrowing  # type: ignore[return-value]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timezone, tzinfo
@@ -568,21 +567,12 @@ def logout_page(request: Request) -> Response:
     return render(request, "logout.html", title="Logged out")
 
 
-def _store_unavailable(exc: Exception) -> bool:
-    """Whether ``exc`` says the history database cannot answer now (PostgreSQL down, or
-    every reader connection busy past the pool's timeout), rather than a bug."""
-    if isinstance(exc, StoreError):
-        return True
-    psycopg = sys.modules.get("psycopg")  # loaded only when the history is in PostgreSQL
-    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
-
-
 async def server_error(request: Request, exc: Exception) -> Response:
     """An unexpected error: our 500 page for pages, an empty 500 for the API (as Flower).
 
     An unavailable history database is a 503 instead, which a load balancer or a script
     may retry, with one line in the log rather than a traceback."""
-    if _store_unavailable(exc):
+    if isinstance(exc, StoreError):  # the history database cannot answer now
         log.warning("History database unavailable for %s: %s", request.url.path, exc)
         message = "The history database is unavailable; try again shortly."
         if request.url.path.startswith("/api/"):
