@@ -110,6 +110,30 @@ def test_receiving_waits_at_max_pending_and_resumes_when_storing_catches_up(
     assert ingester.receive_pauses >= 1
 
 
+def test_a_bound_below_a_batch_is_honoured(writer: GatedWriter) -> None:
+    """--max_pending_events=500 pauses at 500 pending, not at the 2,000 of a full batch."""
+    ingester = Ingester(writer, max_pending=500)
+    assert ingester.batch_size == 500
+    receiver = receiver_for(ingester, commit_interval=60.0)
+    stopping = receiver._stop_event
+
+    def receive() -> None:
+        for event in events(1000):
+            if stopping.is_set():
+                return
+            receiver._on_event(event)
+
+    # No flush thread runs: storing is stalled, so receiving must stop at the bound.
+    feeder = threading.Thread(target=receive, daemon=True)
+    feeder.start()
+    wait_until(lambda: ingester.receive_pauses == 1, 10, what="receiving paused")
+    assert len(ingester.pending) == 500
+    stopping.set()
+    feeder.join(10)
+    assert not feeder.is_alive()
+    assert Ingester(writer, max_pending=0).batch_size == 2_000
+
+
 def test_stop_ends_a_pause_and_stores_everything_received(writer: GatedWriter) -> None:
     ingester = Ingester(writer, max_pending=100, batch_size=10, max_batch=20)
     receiver = receiver_for(ingester, commit_interval=60.0)

@@ -93,8 +93,10 @@ class Ingester:
         self.pending: deque[Mapping[str, Any]] = deque()
         #: Receiving waits while this many events are pending (0: never).
         self.max_pending = max_pending
-        #: Pending events worth a flush now; a flush takes at most ``max_batch``.
-        self.batch_size = batch_size
+        #: Pending events worth a flush now; a flush takes at most ``max_batch``. Never more
+        #: than the bound: receiving checks the bound when a batch is full, and waiting for
+        #: a flush that a smaller bound never lets start would hold everything up.
+        self.batch_size = min(batch_size, max_pending) if max_pending > 0 else batch_size
         self.max_batch = max(max_batch, batch_size)
         #: Times receiving waited for storing to catch up (episodes, not events).
         self.receive_pauses = 0
