@@ -14,6 +14,7 @@ import pytest
 from stamen.events.ingest import Ingester
 from stamen.search.parser import parse_query
 from stamen.store.reader import StoreReader, TaskQuery
+from stamen.store.sqlite import FTS_AUTOMERGE, WRITER_AUTOCHECKPOINT
 from stamen.store.writer import StoreWriter
 from tests.factories import lifecycle
 
@@ -128,3 +129,18 @@ def test_a_pure_search_count_from_the_index_equals_the_rows(db: Path) -> None:
         assert reader.count_tasks(q) == len(reader.list_tasks(q))
     assert reader.count_tasks(TaskQuery(search=parse_query("box"))) == 20
     assert reader.count_tasks(TaskQuery(search=parse_query("box-1"))) == 5
+
+
+def test_the_writer_lets_index_segments_and_wal_pages_gather(db: Path) -> None:
+    """FTS5 keeps ``automerge`` in the database: a new one gets ours, and so does one an
+    older Stamen made with FTS5's default (4) when a writer opens it again. The WAL
+    checkpoint threshold is the writer connection's own."""
+    automerge = "SELECT v FROM tasks_fts_config WHERE k = 'automerge'"
+    writer = StoreWriter(db, max_tasks=10)
+    assert writer.conn.execute(automerge).fetchone() == (FTS_AUTOMERGE,)
+    assert writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (WRITER_AUTOCHECKPOINT,)
+    writer.conn.execute("INSERT INTO tasks_fts (tasks_fts, rank) VALUES ('automerge', 4)")
+    writer.close()
+    writer = StoreWriter(db, max_tasks=10)
+    assert writer.conn.execute(automerge).fetchone() == (FTS_AUTOMERGE,)
+    writer.close()

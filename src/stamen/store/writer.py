@@ -25,7 +25,7 @@ from stamen.model import WORKER_FIELDS
 from stamen.store.rollup import KEEP_SECONDS, RollupDelta
 from stamen.store.rollup_sql import apply_rollups, prune_rollups
 from stamen.store.schema import FTS_COLUMNS, TASK_COLUMNS
-from stamen.store.sqlite import connect, migrate
+from stamen.store.sqlite import connect, migrate, tune_writer
 
 _TASK_INSERT = (
     f"INSERT INTO tasks (id, {', '.join(TASK_COLUMNS)}, seq) "
@@ -115,6 +115,7 @@ class StoreWriter:
     ) -> None:
         self.conn = connect(path)
         migrate(self.conn)
+        tune_writer(self.conn)
         self.max_tasks = max_tasks
         self.max_task_age = max_task_age
         self.max_workers = max_workers
