@@ -27,6 +27,8 @@ app.conf.update(
     result_expires=600,
     # Control tests restart the pool of a worker of their own.
     worker_pool_restarts=os.environ.get("STAMEN_TEST_POOL_RESTARTS") == "1",
+    # Retry tests run a worker of their own that keeps each call in the result backend.
+    result_extended=os.environ.get("STAMEN_TEST_RESULT_EXTENDED") == "1",
 )
 
 

@@ -57,6 +57,41 @@ def test_retry_sends_the_same_call_and_links_back(redis_cluster: Cluster) -> Non
     assert c.stamen.get(f"/api/task/retries/{new}").json()["retry_of"] == old
 
 
+def test_retry_refuses_arguments_the_events_cut_short(redis_cluster: Cluster) -> None:
+    """Celery keeps 1,024 characters of a call's repr in its events: such a task is refused
+    (400), never re-sent with the shortened text or answered with a 500."""
+    c = redis_cluster
+    long_string = c.send("itest.echo", "m" * 3000)
+    c.wait_state(long_string, "SUCCESS")
+    past_the_cut = str(c.client.send_task("itest.echo", args=("x" * 5000, "y"), queue=c.queue).id)
+    c.wait_state(past_the_cut, "FAILURE")  # echo takes one positional argument
+    for task_id in (long_string, past_the_cut):
+        answer = _post(c, f"/api/task/retry/{task_id}")
+        assert answer.status_code == 400, answer.text
+        assert "shortened in its events" in answer.text
+    bulk = _post(c, "/api/tasks/bulk/retry", data={"search": long_string}).json()
+    assert bulk["retried"] == {} and "shortened" in bulk["failed"][long_string]
+
+
+def test_retry_takes_the_whole_call_from_an_extended_result_backend(
+    redis_cluster: Cluster, logs_dir: Path
+) -> None:
+    c = redis_cluster
+    queue = _unique(c, "extended")
+    env = c.env | {"STAMEN_TEST_RESULT_EXTENDED": "1", "STAMEN_TEST_QUEUE": queue}
+    worker = start_worker(env, f"extended-{queue}@localhost", queue, logs_dir / f"{queue}.log")
+    try:
+        old = str(c.client.send_task("itest.echo", args=("m" * 3000,), queue=queue).id)
+        c.wait_state(old, "SUCCESS")
+        answer = _post(c, f"/api/task/retry/{old}")
+        assert answer.status_code == 200, answer.text
+        new = answer.json()["task-id"]
+        # echo returns the length of what it got: the whole string, not the events' repr.
+        assert c.client.AsyncResult(new).get(timeout=30) == 3000
+    finally:
+        worker.stop()
+
+
 def test_bulk_retry_dry_run_then_capped(redis_cluster: Cluster) -> None:
     c = redis_cluster
     marker = f"bulk{uuid.uuid4().hex[:10]}"

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
+from celery.utils.saferepr import saferepr
 
 from stamen.cluster import control as rules
 from stamen.cluster.pause import consumers_of
@@ -114,6 +117,39 @@ def test_retry_call_rebuilds_literals_only() -> None:
         rules.retry_call(task | {"args": "('aaaa...',"})
     with pytest.raises(rules.InputError, match="name is not known"):
         rules.retry_call(task | {"name": None})
+    # What the result backend kept wins over the events' reprs.
+    assert rules.retry_call(task | {"args": "(<x>,)"}, ((3,), {}))[1:3] == ((3,), {})
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        (("m" * 3000,), {}),  # a long string: cut, yet still a string literal
+        (("x" * 5000, "y"), {}),  # an item past the cut: Ellipsis
+        ((list(range(1000)),), {}),
+        (([[[[1]]]],), {}),  # nested past task_repr_maxlevels
+        ((), {"note": "n" * 2000}),
+    ],
+)
+def test_retry_refuses_arguments_celery_cut_short(call: tuple[Any, Any]) -> None:
+    """The reprs a Celery sender really puts in its events (saferepr with its limits)."""
+    args, kwargs = call
+    amqp = Celery("cut").amqp
+    task = {
+        "uuid": "a",
+        "name": "tasks.echo",
+        "args": saferepr(args, amqp.argsrepr_maxsize, maxlevels=3),
+        "kwargs": saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels=3),
+    }
+    with pytest.raises(rules.InputError, match="shortened in its events"):
+        rules.retry_call(task)
+
+
+def test_retry_keeps_long_arguments_that_were_not_cut() -> None:
+    args = ("a" * 1020,)  # a repr over the limit's length that Celery did not cut
+    task = {"uuid": "a", "name": "t", "args": saferepr(args, 1024), "kwargs": "{}"}
+    assert rules.retry_call(task)[1] == args
+    assert rules.retry_call(task | {"args": "('loading...',)"})[1] == ("loading...",)
 
 
 def test_check_bounds() -> None:
@@ -291,6 +327,12 @@ def test_retry_links_and_bulk_dry_run(harness: AppHarness) -> None:
     assert [t["uuid"] for t in dry["sample"]] == ["t2"]
     searched = h.client.post("/api/tasks/bulk/revoke", data={"search": "flaky", "dry_run": "1"})
     assert searched.json()["matched"] == 2
+
+    # A literal JSON cannot carry is refused with the reason, not a 500.
+    h.feed(lifecycle("t4", name="tasks.sets", args="({1, 2},)"))
+    refused = h.client.post("/api/task/retry/t4")
+    assert refused.status_code == 400, refused.text
+    assert "cannot be serialized" in refused.text
 
     audit = h.client.get("/api/audit?target=t1").json()["entries"]
     assert audit[0]["action"] == "task.retry"

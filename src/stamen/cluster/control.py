@@ -214,32 +214,71 @@ def pop_timeout(options: dict[str, Any]) -> float | None:
 # --- retrying a stored task ---------------------------------------------------------------
 
 
-def stored_value(text: Any, default: Any) -> Any:
+#: The most characters of a call's repr Celery puts in its events (``argsrepr_maxsize`` and
+#: ``kwargsrepr_maxsize`` of ``app.amqp``); longer ones are cut and marked with "...".
+REPR_MAXSIZE = 1024
+SHORTENED = (
+    "the task's arguments were shortened in its events, so they cannot be rebuilt "
+    "(with result_extended the result backend keeps them whole)"
+)
+
+
+def _holds_ellipsis(value: Any) -> bool:
+    """Whether ``...`` stands anywhere in ``value``: Celery's repr puts it where it cut a
+    sequence short or stopped descending (``task_repr_maxlevels``)."""
+    if value is Ellipsis:
+        return True
+    if isinstance(value, dict):
+        return any(_holds_ellipsis(k) or _holds_ellipsis(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_holds_ellipsis(v) for v in value)
+    return False
+
+
+def stored_value(text: Any, default: Any, maxsize: int = REPR_MAXSIZE) -> Any:
     """Rebuild args/kwargs from the repr a task event carried.
 
-    Events carry ``argsrepr``/``kwargsrepr``: Python reprs, possibly truncated by the worker
-    (``...``). Only literals can be rebuilt; anything else cannot be retried faithfully, so
-    we refuse rather than send different arguments.
+    Events carry ``argsrepr``/``kwargsrepr``: Python reprs, cut short by the sender past
+    ``maxsize`` characters. A cut repr may still read as a literal (a string that now ends
+    in "...", an ``...`` item), so a repr that reaches ``maxsize`` and holds "...", or one
+    that evaluates to something holding ``...``, counts as cut. Only literals can be
+    rebuilt; anything else cannot be retried faithfully, so we refuse rather than send
+    different arguments.
     """
     if text is None or text == "":
         return default
     if not isinstance(text, str):
         return text
+    if len(text) >= maxsize and "..." in text:
+        raise InputError(SHORTENED)
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         raise InputError("the task's arguments cannot be rebuilt from its events") from None
+    if _holds_ellipsis(value):
+        raise InputError(SHORTENED)
+    return value
 
 
 def retry_call(
     task: Mapping[str, Any],
+    stored: tuple[Any, Any] | None = None,
+    maxsize: tuple[int, int] = (REPR_MAXSIZE, REPR_MAXSIZE),
 ) -> tuple[str, list[Any] | tuple[Any, ...], dict[str, Any], dict[str, Any]]:
-    """``(name, args, kwargs, routing options)`` to send a stored task again."""
+    """``(name, args, kwargs, routing options)`` to send a stored task again.
+
+    ``stored`` is the call as the result backend kept it, when it did (exact); otherwise
+    the events' reprs are rebuilt, ``maxsize`` being the sender's repr limits for args and
+    kwargs.
+    """
     name = task.get("name")
     if not name:
         raise InputError("the task's name is not known yet, so it cannot be retried")
-    args = stored_value(task.get("args"), [])
-    kwargs = stored_value(task.get("kwargs"), {})
+    if stored is not None:
+        args, kwargs = stored
+    else:
+        args = stored_value(task.get("args"), [], maxsize[0])
+        kwargs = stored_value(task.get("kwargs"), {}, maxsize[1])
     # A tuple stays a tuple so the new task's event shows the same args repr.
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise InputError("the task's arguments cannot be rebuilt from its events")

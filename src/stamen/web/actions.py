@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from kombu.exceptions import ChannelError
+from kombu.exceptions import ChannelError, EncodeError
 from starlette.concurrency import run_in_threadpool
 
 from stamen.cluster import control as rules
 from stamen.cluster.pause import consumers_of
+from stamen.events.backfill import backfill_unavailable, fetch_metas
 from stamen.services import Services
 from stamen.web.api import SearchRejected, task_query_from
 from stamen.web.args import Args
@@ -37,6 +39,7 @@ from stamen.web.docs import params
 from stamen.web.errors import ApiError, FlowerJSON
 from stamen.web.gate import api_gate
 
+log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(api_gate)], default_response_class=FlowerJSON)
 
 #: Most tasks one bulk request may touch; ``limit`` may lower it, never raise it.
@@ -67,15 +70,39 @@ _FILTERS = (
 # --- retry ----------------------------------------------------------------------------------
 
 
+def _backend_call(svc: Services, task_id: str) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The call as the result backend kept it (``result_extended``), or None.
+
+    Exact where the events' reprs may be cut short (or masked with ``argsrepr``), so a
+    retry prefers it. A backend that cannot answer leaves the events to decide.
+    """
+    if backfill_unavailable(svc.app) is not None:
+        return None
+    try:
+        meta = fetch_metas(svc.app.backend, [task_id]).get(task_id) or {}
+    except Exception as exc:
+        log.warning("Result backend lookup for retrying %s failed: %r", task_id, exc)
+        return None
+    args, kwargs = meta.get("args"), meta.get("kwargs")
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict | None):
+        return None
+    return tuple(args), dict(kwargs or {})
+
+
 def _resend(svc: Services, task: dict[str, Any]) -> str:
     """Send a stored task again; blocking. Returns the new task id."""
+    limits = (svc.app.amqp.argsrepr_maxsize, svc.app.amqp.kwargsrepr_maxsize)
     try:
-        name, args, kwargs, routing = rules.retry_call(task)
+        stored = _backend_call(svc, task["uuid"])
+        name, args, kwargs, routing = rules.retry_call(task, stored, limits)
     except rules.InputError as exc:
         raise invalid(exc) from None
-    result = svc.app.send_task(
-        name, args=args, kwargs=kwargs, headers={RETRY_HEADER: task["uuid"]}, **routing
-    )
+    try:
+        result = svc.app.send_task(
+            name, args=args, kwargs=kwargs, headers={RETRY_HEADER: task["uuid"]}, **routing
+        )
+    except EncodeError as exc:  # a literal the serializer cannot carry (a set, bytes in JSON)
+        raise ApiError(400, f"the task's arguments cannot be serialized: {exc}") from None
     svc.actions.link_retry(result.id, task["uuid"])
     return str(result.id)
 
