@@ -167,3 +167,19 @@ def test_buttons_call_the_control_api_and_are_audited(
     assert task_id in page.page.inner_text("main")
     page.shot("audit")
     assert page.errors == []
+
+
+def test_api_docs_render_from_vendored_swagger_ui(page: WatchedPage, redis_cluster: Any) -> None:
+    base = redis_cluster.stamen.url
+    response = _open(page, base + "/api/docs")
+    assert response.status == 200
+    operations = page.page.locator(".opblock")
+    operations.first.wait_for(timeout=15_000)
+    schema = redis_cluster.stamen.get("/api/openapi.json").json()
+    listed = sum(len(methods) for methods in schema["paths"].values())
+    assert operations.count() == listed > 20  # every operation of the API
+    assert page.page.get_by_text("/api/tasks", exact=True).count() >= 1
+    page.shot("api-docs")
+    assert page.errors == []
+    outside = [url for url in page.requested if not url.startswith(base + "/")]
+    assert outside == [], "the API reference must make no external requests"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tests.factories import lifecycle, task_sent, worker_heartbeat, worker_online
@@ -104,3 +105,13 @@ def test_unknown_paths_are_404_not_500(harness: AppHarness) -> None:
     assert harness.client.get("/api/nothing").status_code == 404
     assert harness.client.get("/api/tasks/").status_code == 404
     assert harness.client.get("/api/openapi.json").status_code == 200
+
+
+def test_api_docs_load_swagger_ui_from_stamen_itself(harness: AppHarness) -> None:
+    page = harness.client.get("/api/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(assets) == 3 and all(a.startswith(("/static/", "/api/docs/")) for a in assets)
+    assert "cdn" not in page.text and 'validatorUrl": null' in page.text
+    for asset in assets:
+        assert harness.client.get(asset).status_code == 200, asset

@@ -19,7 +19,7 @@ from starlette.responses import Response
 import stamen
 from stamen.metrics import CONTENT_TYPE, Metrics
 from stamen.services import Services
-from stamen.web import actions, api, control, live, pages
+from stamen.web import actions, api, apidocs, control, live, pages
 from stamen.web.auth import install_auth
 from stamen.web.errors import ApiError, api_error_handler, plain
 from stamen.web.extensions import install_extensions
@@ -47,7 +47,7 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
         version=stamen.__version__,
         description="Monitor and administer Celery clusters (Flower-compatible API).",
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # stamen.web.apidocs serves it without a CDN
         redoc_url=None,
         openapi_url="/api/openapi.json",
         redirect_slashes=False,
@@ -60,6 +60,7 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
     app.include_router(control.router)
     app.include_router(actions.router)
     pages.install(app)  # HTML pages, /static, /live, error and logout pages
+    apidocs.install(app)
     app.include_router(live.router)
 
     metrics = Metrics(services)
