@@ -92,7 +92,10 @@ class Services:
         #: With PostgreSQL, instances share the database and race for the ingest lock;
         #: the receiver runs only while this one holds it.
         self.election: IngestElection | None = None
-        if self.db_url is not None and ingest:
+        # A kept SQLite file may be opened by a second instance by mistake (or on purpose,
+        # for a read-only replica on the same machine): it, too, races for the lock.
+        shared = self.db_url is not None or settings.persistent
+        if shared and ingest:
             self.election = IngestElection(self.writer, self._elected, self._deposed)  # type: ignore[arg-type]
 
     def start(self) -> None:

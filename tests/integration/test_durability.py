@@ -151,3 +151,39 @@ def test_broker_down_at_start_and_mid_run(tmp_path: Path, logs_dir: Path) -> Non
     log = stamen.log()
     # One line per outage (two outages: at start and mid-run), not one per retry.
     assert log.count("Cannot receive events from the broker") == 2, log
+
+
+def _succeeded_count(stamen: StamenProcess, hostname: str) -> int:
+    """The worker's ``task-succeeded`` event counter, as ``/workers?json=1`` has it."""
+    records = {w["hostname"]: w for w in stamen.get("/workers?json=1").json()["data"]}
+    return int(records.get(hostname, {}).get("task-succeeded") or 0)
+
+
+def test_a_second_instance_on_one_file_stands_by_and_takes_over(
+    redis_cluster: Cluster, tmp_path: Path, logs_dir: Path
+) -> None:
+    """Two instances kept on one SQLite file: one ingests, so no event is stored twice;
+    the other serves reads and takes over when the first is killed."""
+    db = tmp_path / "shared.sqlite3"
+    hostname = redis_cluster.worker.hostname
+    first = _persistent(redis_cluster, db).start(logs_dir / "stamen-shared-1.log")
+    second: StamenProcess | None = None
+    try:
+        wait_until(lambda: "now ingests" in first.log(), what="the first instance to ingest")
+        second = _persistent(redis_cluster, db).start(logs_dir / "stamen-shared-2.log")
+        wait_until(lambda: "Another instance ingests" in second.log(), what="a standby")
+        wait_until(lambda: first.get("/api/workers?status=1").json().get(hostname), timeout=60)
+        before = _succeeded_count(first, hostname)
+        ids = [redis_cluster.send("itest.add", i, 1) for i in range(3)]
+        wait_until(lambda: _all_succeeded(second, ids), what="the standby to read them")
+        assert _succeeded_count(second, hostname) == before + 3  # stored once, not twice
+
+        assert first.proc is not None
+        first.proc.kill()
+        wait_until(lambda: "now ingests" in second.log(), what="the standby to take over")
+        after = redis_cluster.send("itest.add", 5, 5)
+        wait_until(lambda: _all_succeeded(second, [after]), what="the new ingester to store")
+    finally:
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0, second.log()

@@ -7,6 +7,7 @@ half without any service; this file keeps what only the SQLite reader does.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,22 @@ def test_the_writer_lets_index_segments_and_wal_pages_gather(db: Path) -> None:
     writer = StoreWriter(db, max_tasks=10)
     assert writer.conn.execute(automerge).fetchone() == (FTS_AUTOMERGE,)
     writer.close()
+
+
+def test_one_writer_at_a_time_holds_a_files_ingest_lock(db: Path) -> None:
+    first, second = StoreWriter(db, max_tasks=10), StoreWriter(db, max_tasks=10)
+    try:
+        assert first.try_lead() and first.still_leading()
+        assert not second.try_lead() and not second.still_leading()
+        assert second.lock_holder() == str(os.getpid())
+        ingester = Ingester(first)
+        for e in lifecycle("t1"):
+            ingester.add(e)
+        ingester.flush()
+        first.close()  # the process that held it ended
+        assert second.try_lead()
+        # The new holder resumes where the history stands, not where it stood at opening.
+        assert (second.seq, second.task_count) == (1, 1)
+    finally:
+        first.close()
+        second.close()

@@ -1,10 +1,12 @@
-"""Which of several Stamen instances sharing one PostgreSQL database ingests events.
+"""Which of several Stamen instances sharing one history ingests events.
 
 Every instance serves reads; exactly one at a time receives events and writes them. The
-instances race for a PostgreSQL advisory lock (``PostgresWriter.try_lead``) every
-``interval`` seconds; the holder ingests until its lock connection is gone (the process
-died, the server or the network dropped it), then steps down and races again like the
-others. Because the lock lives on the writer's own connection, losing it also makes the
+instances race for the history's ingest lock every ``interval`` seconds: on PostgreSQL an
+advisory lock (``PostgresWriter.try_lead``), on SQLite an exclusive ``flock`` on a file
+beside the database (``StoreWriter.try_lead``; instances on one machine). The holder
+ingests until its lock is gone (the process died; for PostgreSQL also the server or the
+network dropping its connection), then steps down and races again like the others.
+Because a PostgreSQL lock lives on the writer's own connection, losing it also makes the
 old leader's writes fail, so there is never a moment with two writers.
 
 A takeover starts receiving events from that moment: events published while nobody led
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Leadable(Protocol):
-    """What the election needs from the writer (``PostgresWriter``)."""
+    """What the election needs from the writer (``PostgresWriter``, ``StoreWriter``)."""
 
     def try_lead(self) -> bool: ...
     def still_leading(self) -> bool: ...
@@ -47,6 +49,7 @@ class IngestElection(threading.Thread):
         self.on_deposed = on_deposed
         self.interval = interval
         self.leading = False
+        self._standing_by = False
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -64,7 +67,14 @@ class IngestElection(threading.Thread):
             if self.writer.try_lead():
                 log.info("This instance now ingests events (it holds the ingest lock)")
                 self.leading = True
+                self._standing_by = False
                 self.on_elected()
+            elif not self._standing_by:
+                log.info(
+                    "Another instance ingests events into this history (it holds the ingest "
+                    "lock); this one serves reads and takes over if that one stops"
+                )
+                self._standing_by = True
         elif not self.writer.still_leading():
             log.warning("Lost the ingest lock (database connection gone); standing by")
             self.leading = False

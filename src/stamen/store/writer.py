@@ -13,11 +13,13 @@ are deleted instead, at most every ``PRUNE_EVERY`` seconds.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -116,11 +118,17 @@ class StoreWriter:
         self.conn = connect(path)
         migrate(self.conn)
         tune_writer(self.conn)
+        self.path = Path(path)
         self.max_tasks = max_tasks
         self.max_task_age = max_task_age
         self.max_workers = max_workers
         self._clock = clock
         self._pruned_at = 0.0
+        self._lock: IO[str] | None = None
+        self._resume()
+
+    def _resume(self) -> None:
+        """Read where the history stands (another instance may have written since)."""
         self.seq = self._meta("seq", 0)
         self._next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         self.task_count = self.conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
@@ -128,6 +136,51 @@ class StoreWriter:
 
     def close(self) -> None:
         self.conn.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # Ingest election: instances sharing one history file take turns, one writes at a time.
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-ingest.lock")
+
+    def try_lead(self) -> bool:
+        """Take the history's ingest lock (an exclusive ``flock`` on ``<db>-ingest.lock``)
+        if no other process holds it.
+
+        Two instances writing one file would each store every event, doubling the
+        workers' counters; with the lock, a second instance serves reads and takes over
+        when the first one's process ends (the kernel releases the lock even on SIGKILL).
+        On success the writer re-reads its state, which the other may have moved on.
+        """
+        if self._lock is not None:
+            return True
+        handle = open(self.lock_path, "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+        self._resume()
+        return True
+
+    def still_leading(self) -> bool:
+        """A held ``flock`` lasts as long as the process: only ``close`` gives it up."""
+        return self._lock is not None
+
+    def lock_holder(self) -> str:
+        """The pid the lock file names (who ingests), for a standby's log line."""
+        try:
+            return self.lock_path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
 
     def _meta(self, key: str, default: Any) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
