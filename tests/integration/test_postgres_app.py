@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,13 @@ def test_db_upgrade_command(tmp_path: Path) -> None:
         assert again.returncode == 0 and "up to date" in again.stdout
         sqlite = upgrade(str(tmp_path / "h.sqlite3"))
         assert sqlite.returncode == 0 and "schema version 0 -> 2" in sqlite.stdout, sqlite.stderr
+        # A schema named in the URL that does not exist: one line saying so, no traceback.
+        missing = pgutil.schema_url(f"stamen_missing_{uuid.uuid4().hex[:8]}")
+        for command in (["db", "upgrade", f"--db={missing}"], [f"--db={missing}", "--port=0"]):
+            answer = subprocess.run(
+                [sys.executable, "-m", "stamen", *command],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert answer.returncode == 1, answer.stderr
+            assert "no schema of the search path" in answer.stderr
+            assert "Traceback" not in answer.stderr, answer.stderr

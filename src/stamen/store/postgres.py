@@ -305,6 +305,14 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
 def migrate(conn: psycopg.Connection[Any]) -> int:
     """Create or upgrade the schema in the current schema (``search_path``); returns the
     version. Refuses a database newer than this Stamen, or one holding foreign tables."""
+    found = conn.execute("SELECT current_schema()").fetchone()
+    if found is None or found[0] is None:
+        path = conn.execute("SHOW search_path").fetchone()
+        raise StoreError(
+            f"no schema of the search path ({path[0] if path else ''}) exists in this "
+            "database: create it (CREATE SCHEMA <name>) or name another in the URL "
+            "(?options=-csearch_path%3D<name>)"
+        )
     trgm = _trgm_opclass(conn)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(conn, "migrate"),))
