@@ -70,3 +70,17 @@ def test_audit_offset_beyond_64_bits(harness: AppHarness) -> None:
     # Before: 500 (the same overflow in the audit log query).
     response = harness.client.get("/api/audit", params={"offset": HUGE})
     assert (response.status_code, response.json()) == (200, {"entries": []})
+
+
+def _echo(x: int) -> int:
+    return x
+
+
+def test_an_audited_integer_past_64_bits_reads_back(harness: AppHarness) -> None:
+    """JSON bodies may carry any integer; the audit log keeps it and must still answer."""
+    harness.services.app.task(name="unit.echo")(_echo)
+    sent = harness.client.post("/api/task/async-apply/unit.echo", json={"args": [2**70]})
+    assert sent.status_code in (200, 400, 503), sent.text
+    response = harness.client.get("/api/audit", params={"action": "task.async_apply"})
+    assert response.status_code == 200, response.text
+    assert response.json()["entries"][0]["params"]["args"] == [2**70]

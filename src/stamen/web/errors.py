@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -33,7 +34,12 @@ class FlowerJSON(Response):
     media_type = "application/json; charset=UTF-8"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, default=str).replace(b"</", b"<\\/")
+        try:
+            body = orjson.dumps(content, default=str)
+        except TypeError:  # an integer past 64 bits (a client sent it; the audit log kept it)
+            body = json.dumps(content, default=str, ensure_ascii=False, separators=(",", ":"))
+            body = body.encode()
+        return body.replace(b"</", b"<\\/")
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
