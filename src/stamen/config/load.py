@@ -63,13 +63,26 @@ def load_settings(
     namespace: dict[str, Any] = {}
     from_file: dict[str, tuple[str, Any]] = {}
     config_file: str | None = None
+    protect_metrics = False
     if conf_path.exists() or conf != DEFAULT_CONF:
         if not conf_path.exists():
             raise invalid_value(conf_label, f"config file not found: {conf_path}")
-        namespace = run_config_file(conf_path)
+        namespace, patches = run_config_file(conf_path)
         config_file = str(conf_path)
         from_file = read_config_namespace(namespace, conf_path, warn)
         from_file.pop("conf", None)
+        protect_metrics = patches.metrics_protected
+        if protect_metrics and not patches.metrics_recipe:
+            warn(
+                f"{conf_path} replaces flower.views.monitor.Metrics.get; Stamen runs no "
+                "Tornado handlers and takes this as tornado.web.authenticated: /metrics "
+                "requires authentication"
+            )
+        if patches.healthcheck_get is not None:
+            warn(
+                f"{conf_path} replaces flower.views.monitor.Healthcheck.get, which has no "
+                "effect under Stamen: /healthcheck stays open"
+            )
 
     values: dict[str, Any] = {opt.name: opt.default for opt in OPTIONS}
     labels: dict[str, str] = {opt.name: "--" + opt.name for opt in OPTIONS}
@@ -85,5 +98,6 @@ def load_settings(
         **read_env_extras(environ),
         config_file=config_file,
         config_namespace=namespace,
+        protect_metrics=protect_metrics,
         sources=sources,
     )

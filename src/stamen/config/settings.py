@@ -85,6 +85,9 @@ class Settings:
     # Provenance.
     config_file: str | None = None  # absolute path of the config file executed, if any
     config_namespace: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The config file replaced flower.views.monitor.Metrics.get, as Flower's docs do with
+    # ``tornado.web.authenticated``: /metrics requires the pages' authentication.
+    protect_metrics: bool = False
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # option -> source
 
     @property

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stamen.compat import config_builtins
+from stamen.compat import HandlerPatches, config_builtins, run_guarded
 from stamen.config.errors import ConfigError, invalid_value
 from stamen.config.options import OPTIONS_BY_NAME
 from stamen.config.parse import convert_python, convert_text, is_bool_word, strtobool, text_refusal
@@ -153,7 +153,12 @@ def read_env_extras(environ: Mapping[str, str]) -> dict[str, Any]:
     return extras
 
 
-def run_config_file(path: Path) -> dict[str, Any]:
+def run_config_file(path: Path) -> tuple[dict[str, Any], HandlerPatches]:
+    """Execute the config file at ``path``: its namespace (without ``__builtins__``) and what
+    it replaced on the stand-in handlers (``Metrics.get``, see ``stamen.compat``).
+
+    Raises ``ConfigError`` naming the file and line for an error in it.
+    """
     try:
         source = path.read_bytes()
     except OSError as exc:
@@ -164,7 +169,8 @@ def run_config_file(path: Path) -> dict[str, Any]:
         "__name__": "flowerconfig",
     }
     try:
-        exec(compile(source, str(path), "exec"), namespace)
+        code = compile(source, str(path), "exec")
+        patches = run_guarded(lambda: exec(code, namespace))
     except SyntaxError as exc:
         raise ConfigError(f"error in config file {path}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:
@@ -181,7 +187,7 @@ def run_config_file(path: Path) -> dict[str, Any]:
             f"error in config file {path}{where}: {type(exc).__name__}: {exc}"
         ) from None
     namespace.pop("__builtins__", None)
-    return namespace
+    return namespace, patches
 
 
 def _walk_tb(tb: types.TracebackType | None) -> list[types.TracebackType]:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -23,6 +23,7 @@ from stamen.web import actions, api, apidocs, control, live, pages
 from stamen.web.auth import install_auth
 from stamen.web.errors import ApiError, api_error_handler, plain
 from stamen.web.extensions import install_extensions
+from stamen.web.gate import metrics_gate, metrics_protected
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
     metrics.attach()
     app.state.metrics = metrics
 
-    @app.get("/metrics", include_in_schema=False)
+    _warn_about_metrics_protection(services.settings)
+
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_gate)])
     async def prometheus_metrics() -> Response:
-        """Flower's /metrics: no auth, ``text/plain`` exactly (spec 3.7)."""
+        """Flower's /metrics: ``text/plain`` exactly (spec 3.7); no auth unless the config
+        file protects it as Flower's docs show (``stamen.web.gate.metrics_gate``)."""
         return Response(await metrics.scrape(), headers={"Content-Type": CONTENT_TYPE})
 
     @app.get("/healthcheck", include_in_schema=True, summary="Is Stamen healthy?")
@@ -84,6 +88,24 @@ def create_app(services: Services, *, manage_services: bool = True) -> FastAPI:
 
     install_extensions(app, services)  # flowerconfig.py's stamen_routes, last: see there
     return app
+
+
+def _warn_about_metrics_protection(settings: Any) -> None:
+    """The config file protects /metrics (Flower's recipe): say when that cannot work."""
+    if not getattr(settings, "protect_metrics", False):
+        return
+    if not metrics_protected(settings):
+        log.warning(
+            "%s wraps Metrics.get in tornado.web.authenticated, which has no effect without "
+            "--basic_auth or --auth: /metrics stays open",
+            settings.config_file or "The config file",
+        )
+    elif settings.auth and not settings.api_tokens:
+        log.warning(
+            "/metrics requires a login (tornado.web.authenticated in %s), which with --auth "
+            "only a browser can get: give Prometheus a bearer token with --api_tokens",
+            settings.config_file or "the config file",
+        )
 
 
 async def _inspect_quietly(services: Services) -> None:

@@ -10,6 +10,10 @@ Flower's rules (spec 4.0 and 7.1) with Stamen's additions:
 * ``--api_tokens=name:token[:role],...``: ``Authorization: Bearer <token>`` for API
   clients. ``token`` may be given as ``sha256:<hex digest>`` instead of the token itself.
 * ``--auth`` (OAuth): the signed ``user`` cookie set by ``/login`` (see ``stamen.web.auth``).
+* ``/metrics`` is open, as in Flower, unless ``flowerconfig.py`` applies Flower's recipe
+  (``Metrics.get = tornado.web.authenticated(Metrics.get)``) and authentication is
+  configured: then it takes what the pages take and answers 401 with a challenge (never a
+  redirect to the login page, which a scraper cannot follow).
 
 Without any authentication configured the API stays closed unless
 ``FLOWER_UNAUTHENTICATED_API`` is set, exactly as in Flower, and the pages are open.
@@ -50,6 +54,8 @@ __all__ = [
     "api_gate",
     "basic_credentials",
     "csrf_token",
+    "metrics_gate",
+    "metrics_protected",
     "page_user",
     "require_role",
     "resolve_identity",
@@ -314,3 +320,35 @@ async def page_user(request: Request) -> Identity:
     if request.state.needs_login:
         raise AuthResponse(RedirectResponse(login_url(request), status_code=302))
     raise AuthResponse(plain(401, "Access denied", headers=BASIC_CHALLENGE))
+
+
+def metrics_protected(settings: Any) -> bool:
+    """Whether ``/metrics`` requires authentication: the config file asked for it
+    (``Settings.protect_metrics``) and there is authentication to require."""
+    return bool(getattr(settings, "protect_metrics", False)) and auth_configured(settings)
+
+
+def metrics_challenge(settings: Any) -> dict[str, str]:
+    """``WWW-Authenticate`` for ``/metrics``: the schemes a scraper can use (Basic with
+    ``--basic_auth``, Bearer with ``--api_tokens``; Bearer when neither, as nothing else is
+    possible without a browser)."""
+    schemes = []
+    if settings.basic_auth:
+        schemes.append('Basic realm="flower"')
+    if getattr(settings, "api_tokens", None) or not schemes:
+        schemes.append('Bearer realm="flower"')
+    return {"WWW-Authenticate": ", ".join(schemes)}
+
+
+async def metrics_gate(request: Request) -> None:
+    """Dependency of ``/metrics``: open unless ``metrics_protected``; then the caller must
+    be authenticated as for a page (Basic, a bearer API token or, with ``--auth``, the login
+    cookie), any role, else 401 with ``metrics_challenge``."""
+    settings = request.app.state.services.settings
+    if not metrics_protected(settings):
+        return
+    identity = await ensure_identity(request)
+    if identity is not None:
+        return
+    message = request.state.auth_error or "Access denied"
+    raise AuthResponse(plain(401, message, headers=metrics_challenge(settings)))

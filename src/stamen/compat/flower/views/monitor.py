@@ -1,6 +1,11 @@
 """Stand-in for ``flower.views.monitor``: ``Metrics`` and ``Healthcheck`` exist so that
-configuration files written for Flower's docs (which wrap or replace ``Metrics.get`` to protect
-``/metrics``) still load. Patching them has no effect on Stamen's routes.
+configuration files written for Flower's docs still load.
+
+Flower's docs protect ``/metrics`` with ``Metrics.get = tornado.web.authenticated(Metrics.get)``.
+Stamen runs no Tornado handlers, but after running the file it looks at ``Metrics.get``
+(``stamen.compat.run_guarded``): replaced by anything, it means ``/metrics`` requires the
+authentication the pages require. The original is then put back, so one file never leaks
+into the next. Replacing ``Healthcheck.get`` has no effect (a warning says so).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from . import BaseHandler
 
 
 class Metrics(BaseHandler):
-    """Placeholder for the ``/metrics`` handler."""
+    """Placeholder for the ``/metrics`` handler; replacing ``get`` protects ``/metrics``."""
 
     def get(self, *args: Any, **kwargs: Any) -> None:
         """Placeholder; Stamen serves ``/metrics`` itself."""
