@@ -2,9 +2,11 @@
 
 ``stamen [COMMAND] [celery options] [options]`` builds the Celery app the way ``celery -A``
 does, resolves ``Settings`` with ``config.load_settings`` and hands both to the server, or
-to a subcommand from ``SUBCOMMANDS``. The ``celery flower`` / ``celery stamen`` plugin
-(``celery_command``) reuses the helpers here so that both entry points behave the same.
-Errors are one line on stderr and exit status 2, never a traceback.
+to a subcommand from ``SUBCOMMANDS`` (``flower`` or ``stamen`` as the command is the
+server, for Flower's ``python -m flower -A proj flower`` form). The ``celery flower`` /
+``celery stamen`` plugin (``celery_command``) reuses the helpers here so that both entry
+points behave the same. Errors are one line on stderr and exit status 2, never a
+traceback (the server's: see ``server.serve``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from stamen.config import (
 PROG = "stamen"
 EXIT_USAGE = 2
 HELP_FLAGS = frozenset({"-h", "--help", "-help"})
+#: Words that name the server itself, as the Celery subcommand does: ``python -m flower`` is
+#: Celery's command line, so its users write ``python -m flower -A proj flower --port=5555``;
+#: ``python -m stamen -A proj flower --port=5555`` (or ``... stamen ...``) runs the same as
+#: ``python -m stamen -A proj --port=5555``.
+SERVER_WORDS = ("flower", "stamen")
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,13 @@ def options_help(width: int = 100) -> str:
 def format_help(width: int = 100) -> str:
     """``stamen --help``."""
     commands = [("(none)", "run the web server and the event monitor")]
+    commands += [
+        (
+            ", ".join(SERVER_WORDS),
+            "the same as no command, for Flower's form: 'python -m flower -A proj flower' "
+            f"becomes 'python -m {PROG} -A proj flower'",
+        )
+    ]
     commands += [(sub.name, sub.help) for sub in SUBCOMMANDS.values()]
     celery_rows = [
         (", ".join(opt.flags) + (f" {opt.metavar}" if opt.metavar else ""), opt.help)
@@ -249,6 +263,11 @@ def parse_invocation(argv: Sequence[str]) -> Invocation:
     positionals = parse_command_line(rest).positionals
     own = _subcommand_options(rest, positionals)
     positionals = [(i, w) for i, w in positionals if i not in own]
+    if positionals and positionals[0][1] in SERVER_WORDS:
+        drop.add(positionals[0][0])  # "stamen -A proj flower ...": the server, as without
+        if len(positionals) > 1:
+            raise ConfigError(f"unexpected argument {positionals[1][1]!r}")
+        positionals = []
     if positionals:
         first_index, word = positionals[0]
         if word not in SUBCOMMANDS:
