@@ -150,17 +150,30 @@ import os  # noqa: F401 - the examples below read secrets from the environment
 #   auto; env FLOWER_LOG_TO_STDERR.
 # log_to_stderr = None
 
-# write the log to this file (rotated by size). Type str, default none; env
-#   FLOWER_LOG_FILE_PREFIX.
+# write the log to this file (rotated by size or time: --log_rotate_mode). Type str,
+#   default none; env FLOWER_LOG_FILE_PREFIX.
 # log_file_prefix = None
 
-# rotate the log file at this many bytes. Type int, default 100000000; env
-#   FLOWER_LOG_FILE_MAX_SIZE.
+# rotate the log file at this many bytes (--log_rotate_mode=size). Type int, default
+#   100000000; env FLOWER_LOG_FILE_MAX_SIZE.
 # log_file_max_size = 100000000
 
 # number of rotated log files to keep. Type int, default 10; env
 #   FLOWER_LOG_FILE_NUM_BACKUPS.
 # log_file_num_backups = 10
+
+# rotate the log file by size or by time. Type str, default size; env
+#   FLOWER_LOG_ROTATE_MODE.
+# log_rotate_mode = 'size'
+
+# with --log_rotate_mode=time, the unit of --log_rotate_interval: S, M, H, D, midnight or
+#   W0-W6 (a weekday, Monday first). Type str, default midnight; env
+#   FLOWER_LOG_ROTATE_WHEN.
+# log_rotate_when = 'midnight'
+
+# with --log_rotate_mode=time, rotate every this many --log_rotate_when units. Type int,
+#   default 1; env FLOWER_LOG_ROTATE_INTERVAL.
+# log_rotate_interval = 1
 
 
 # --- Stamen options ----------------------------------------------------------------------------

@@ -204,20 +204,32 @@ class _Server(uvicorn.Server):
             log.info("Listening on %s (Press CTRL+C to quit)", describe(sockets))
 
 
+def log_file_handler(settings: Any) -> logging.Handler:
+    """The log file, rotated as Tornado's logging options say (Flower's, too)."""
+    from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
+
+    if settings.log_rotate_mode == "time":
+        return TimedRotatingFileHandler(
+            settings.log_file_prefix,
+            when=settings.log_rotate_when,
+            interval=settings.log_rotate_interval,
+            backupCount=settings.log_file_num_backups,
+            encoding="utf-8",
+        )
+    return RotatingFileHandler(
+        settings.log_file_prefix,
+        maxBytes=settings.log_file_max_size,
+        backupCount=settings.log_file_num_backups,
+        encoding="utf-8",
+    )
+
+
 def setup_logging(settings: Any) -> None:
     level_name = "DEBUG" if settings.debug else (settings.logging or "info").upper()
     level = logging.CRITICAL + 10 if level_name == "NONE" else getattr(logging, level_name)
     handlers: list[logging.Handler] = []
     if settings.log_file_prefix:
-        from logging.handlers import RotatingFileHandler
-
-        handlers.append(
-            RotatingFileHandler(
-                settings.log_file_prefix,
-                maxBytes=settings.log_file_max_size,
-                backupCount=settings.log_file_num_backups,
-            )
-        )
+        handlers.append(log_file_handler(settings))
     if settings.log_to_stderr or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(

@@ -760,3 +760,22 @@ def test_format_count_and_value() -> None:
     assert template.format_value("<b>") == "&lt;b&gt;"
     link = template.task_link("/task/abc", "0123456789")
     assert "0123456789" in link and ">01234567<" in link
+
+
+def test_log_rotation_by_time_as_tornado_does(tmp_path: Path) -> None:
+    from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
+
+    from stamen.server import log_file_handler
+
+    log_file = str(tmp_path / "stamen.log")
+    s = load(tmp_path, f"--log_file_prefix={log_file}", "--log_rotate_mode=time",
+             "--log_rotate_when=H", "--log_rotate_interval=6")  # fmt: skip
+    handler = log_file_handler(s)
+    assert isinstance(handler, TimedRotatingFileHandler)
+    assert (handler.when, handler.interval, handler.backupCount) == ("H", 6 * 3600, 10)
+    handler.close()
+    by_size = log_file_handler(load(tmp_path, f"--log_file_prefix={log_file}"))
+    assert isinstance(by_size, RotatingFileHandler) and by_size.maxBytes == 100_000_000
+    by_size.close()
+    for bad in ("mode=daily", "when=fortnight", "interval=0"):
+        assert f"log_rotate_{bad.split('=')[0]}" in load_error(tmp_path, f"--log_rotate_{bad}")

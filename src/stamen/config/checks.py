@@ -48,6 +48,25 @@ def log_level(value: str) -> str:
     return level
 
 
+LOG_ROTATE_MODES = ("size", "time")
+#: What ``logging.handlers.TimedRotatingFileHandler`` accepts as ``when`` (Tornado's list).
+LOG_ROTATE_WHENS = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
+
+
+def log_rotate_mode(value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in LOG_ROTATE_MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_ROTATE_MODES)}")
+    return mode
+
+
+def log_rotate_when(value: str) -> str:
+    when = value.strip().lower()
+    if when not in LOG_ROTATE_WHENS:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_ROTATE_WHENS)}")
+    return when
+
+
 def basic_auth_entries(entries: list[str]) -> list[str]:
     # An argon2 hash holds commas (``m=65536,t=3,p=4``), which the comma split cut apart:
     # glue a piece without a colon back onto an argon2 entry before it.

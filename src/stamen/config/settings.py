@@ -61,6 +61,9 @@ class Settings:
     log_file_prefix: str | None = None
     log_file_max_size: int = 100_000_000
     log_file_num_backups: int = 10
+    log_rotate_mode: str = "size"
+    log_rotate_when: str = "midnight"
+    log_rotate_interval: int = 1
     max_task_age: float | None = None  # seconds
     event_queue_ttl: float | None = None  # seconds
     event_queue_max_length: int | None = None
