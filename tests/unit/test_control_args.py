@@ -277,6 +277,13 @@ def test_execution_bodies(harness: AppHarness) -> None:
         400,
         "Invalid option",
     )
+    # A call that does not fit the task says so (Flower lets Celery's TypeError be a 500).
+    assert _post(h, "/api/task/async-apply/unit.add", json={"args": [1]}) == (
+        400,
+        "Invalid arguments: _add() missing 1 required positional argument: 'y'",
+    )
+    status, text = _post(h, "/api/task/apply/unit.add", json={"args": [1, 2, 3]})
+    assert status == 400 and text.startswith("Invalid arguments: "), text
     # No result backend: async-apply answers the id only (Flower), apply refuses to wait.
     sent = h.client.post("/api/task/async-apply/unit.add", json={"args": [1, 2]})
     assert sent.status_code == 200

@@ -15,7 +15,7 @@ import ast
 import json
 import math
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -209,6 +209,19 @@ def pop_timeout(options: dict[str, Any]) -> float | None:
     if seconds < 0:
         raise InputError("Invalid timeout")
     return seconds
+
+
+def check_call(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Celery's own signature check (``Task.__header__``, which ``apply_async`` runs when
+    the task has ``typing``), ahead of publishing, so that a call that does not fit the
+    task is reported as such rather than as a bad option."""
+    header = getattr(task, "__header__", None)
+    if header is None or not getattr(task, "typing", True):
+        return
+    try:
+        header(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"Invalid arguments: {exc}") from None
 
 
 # --- retrying a stored task ---------------------------------------------------------------

@@ -583,6 +583,7 @@ async def task_apply(request: Request, taskname: str) -> Any:
     try:
         wait = rules.pop_timeout(options)
         options = rules.normalise_options(options)
+        rules.check_call(task, args, kwargs)
     except rules.InputError as exc:
         raise invalid(exc) from None
     if isinstance(svc.app.backend, DisabledBackend):
@@ -609,6 +610,7 @@ async def task_async_apply(request: Request, taskname: str) -> Any:
     svc, task, args, kwargs, options = await _execution(request, taskname, registered=True)
     try:
         options = rules.normalise_options(options)
+        rules.check_call(task, args, kwargs)
     except rules.InputError as exc:
         raise invalid(exc) from None
     return await broker_call(
