@@ -135,9 +135,10 @@ class Checker:
     # --- the checks ---------------------------------------------------------------------
 
     def run(self) -> list[Result]:
-        """Every check, in order; stops after the first if nothing answers at all."""
+        """Every check, in order; stops after the first when nothing, or something other
+        than Stamen or Flower, answers there (every later verdict would mislead)."""
         reach = self.check_reachable()
-        if reach.status == FAIL and reach.reason.startswith("not reachable"):
+        if reach.status == FAIL and not reach.reason.startswith("unhealthy"):
             return [reach]
         results = [reach, *self.check_ui_and_auth()]
         auth_failed = any(r.status == FAIL and r.code == EXIT_AUTH for r in results)
@@ -269,6 +270,14 @@ class Checker:
         if probe.status is None:
             return Result(
                 "metrics", FAIL, f"/metrics did not answer: {probe.error}", EXIT_UNREACHABLE
+            )
+        if probe.status == 401:
+            return Result(
+                "metrics",
+                FAIL,
+                "/metrics requires authentication (flowerconfig.py protects it) and the "
+                "credentials given, if any, are refused: give what Prometheus scrapes with",
+                EXIT_AUTH,
             )
         if probe.status != 200:
             return Result(

@@ -12,6 +12,7 @@ from stamen import cli
 from stamen.check import (
     EXIT_AUTH,
     EXIT_NO_WORKERS,
+    EXIT_UNREACHABLE,
     FAIL,
     OK,
     Checker,
@@ -56,7 +57,8 @@ def test_exit_code_is_the_first_failure() -> None:
 
 
 def run(h: AppHarness, **target: object) -> tuple[int, dict[str, Result]]:
-    checker = Checker(Target(url="http://testserver", **target), transport=h.client._transport)  # type: ignore[arg-type]
+    target.setdefault("url", "http://testserver")
+    checker = Checker(Target(**target), transport=h.client._transport)  # type: ignore[arg-type]
     results = checker.run()
     checker.close()
     return exit_code(results), {r.name: r for r in results}
@@ -86,3 +88,23 @@ def test_token_and_basic_credentials_in_process(tmp_path: Path) -> None:
         assert results["auth"].status == OK and code == EXIT_NO_WORKERS
         code, results = run(h, user="ann", password="s3cret")
         assert results["auth"].status == OK and code == EXIT_NO_WORKERS
+
+
+def test_a_wrong_url_prefix_is_the_only_verdict(tmp_path: Path) -> None:
+    """Everything 404s below a wrong prefix: say so, not "authentication is not configured"."""
+    for h in make_harness(tmp_path):
+        code, results = run(h, url="http://testserver/wrong-prefix")
+        assert list(results) == ["reachable"] and code == EXIT_UNREACHABLE
+        assert "url_prefix" in results["reachable"].reason
+
+
+def test_protected_metrics_take_the_credentials(tmp_path: Path) -> None:
+    overrides = {"basic_auth": ["ann:s3cret"], "protect_metrics": True}
+    for h in make_harness(tmp_path, unauthenticated_api=False, **overrides):
+        results = run(h, user="ann", password="s3cret")[1]
+        assert results["metrics"].status != FAIL, results["metrics"]
+        checker = Checker(Target(url="http://testserver"), transport=h.client._transport)  # type: ignore[arg-type]
+        verdict = checker.check_metrics()
+        checker.close()
+        assert (verdict.status, verdict.code) == (FAIL, EXIT_AUTH)
+        assert "requires authentication" in verdict.reason
