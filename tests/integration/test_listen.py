@@ -18,17 +18,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import ROOT, free_port, stop_process, wait_until
-
-
-def _ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
+from tests.net import can_bind_ipv6
 
 
 def _env() -> dict[str, str]:
@@ -88,7 +78,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not can_bind_ipv6("::1"), reason="no IPv6 loopback on this machine")
 def test_the_default_address_listens_on_ipv4_and_ipv6(
     launch: Callable[..., Process], tmp_path: Path
 ) -> None:

@@ -20,20 +20,9 @@ import pytest
 
 from stamen import cli, server
 from stamen.config import ConfigError, Settings
+from tests.net import can_bind_ipv6
 
-
-def _ipv6() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+needs_ipv6 = pytest.mark.skipif(not can_bind_ipv6("::"), reason="no IPv6 on this machine")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ with Flower's own wording because Flower users know those messages.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from stamen.config.errors import ConfigError
@@ -41,30 +42,22 @@ def positive(value: float) -> float:
     return value
 
 
-def log_level(value: str) -> str:
-    level = value.strip().lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
-    return level
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A check that takes one of ``choices``, in any case and with spaces around."""
+
+    def check(value: str) -> str:
+        chosen = value.strip().lower()
+        if chosen not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return chosen
+
+    return check
 
 
-LOG_ROTATE_MODES = ("size", "time")
+log_level = one_of(*LOG_LEVELS)
+log_rotate_mode = one_of("size", "time")
 #: What ``logging.handlers.TimedRotatingFileHandler`` accepts as ``when`` (Tornado's list).
-LOG_ROTATE_WHENS = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
-
-
-def log_rotate_mode(value: str) -> str:
-    mode = value.strip().lower()
-    if mode not in LOG_ROTATE_MODES:
-        raise ValueError(f"{value!r} is not one of {', '.join(LOG_ROTATE_MODES)}")
-    return mode
-
-
-def log_rotate_when(value: str) -> str:
-    when = value.strip().lower()
-    if when not in LOG_ROTATE_WHENS:
-        raise ValueError(f"{value!r} is not one of {', '.join(LOG_ROTATE_WHENS)}")
-    return when
+log_rotate_when = one_of("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
 
 
 def basic_auth_entries(entries: list[str]) -> list[str]:
