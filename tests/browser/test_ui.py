@@ -183,3 +183,40 @@ def test_api_docs_render_from_vendored_swagger_ui(page: WatchedPage, redis_clust
     assert page.errors == []
     outside = [url for url in page.requested if not url.startswith(base + "/")]
     assert outside == [], "the API reference must make no external requests"
+
+
+def test_received_filters_read_the_time_the_table_shows(
+    browser: Any, screenshots_dir: Any, redis_cluster: Any
+) -> None:
+    """A browser far from the server's zone: typing the received time a row shows keeps
+    that row (the filter is read in the table's zone, and sent as epoch seconds)."""
+    c = redis_cluster
+    task_id = c.send("itest.add", 7, 7)
+    c.wait_state(task_id, "SUCCESS")
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id="Asia/Tokyo")
+    try:
+        page = WatchedPage(context.new_page(), screenshots_dir)
+        _open(page, c.stamen.url + "/tasks")
+        page.page.fill("#task-search", task_id)
+        row = page.page.locator(f'tr[data-uuid="{task_id}"]')
+        row.wait_for(timeout=15_000)
+        shown = row.locator('[data-cell="received"]').inner_text()  # "YYYY-MM-DD HH:MM:SS.mmm"
+        minute = shown[:10] + "T" + shown[11:16]
+        with page.page.expect_response(lambda r: "received_start=" in r.url):
+            page.page.fill("#filter-from", minute)
+            page.page.dispatch_event("#filter-from", "change")
+        # The search alone matches the one task; a filter read in another zone than the
+        # table shows would drop it (Tokyo's wall time read as UTC lies 9 h ahead).
+        page.page.wait_for_function(
+            "document.getElementById('tasks-summary').textContent === '1 task'"
+        )
+        assert row.count() == 1, "the task received in that minute was filtered out"
+        with page.page.expect_response(lambda r: "received_end=" in r.url):
+            page.page.fill("#filter-to", minute)
+            page.page.dispatch_event("#filter-to", "change")
+        row.wait_for(state="detached")  # to is that minute's start, before the task came
+        assert page.page.inner_text("#tasks-summary").startswith("0 "), "the summary disagrees"
+        page.shot("tasks-received-filter")
+        assert page.errors == []
+    finally:
+        context.close()

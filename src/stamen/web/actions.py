@@ -22,7 +22,7 @@ from stamen.cluster import control as rules
 from stamen.cluster.pause import consumers_of
 from stamen.events.backfill import backfill_unavailable, fetch_metas
 from stamen.services import Services
-from stamen.web.api import SearchRejected, task_query_from
+from stamen.web.api import DATE_HELP, SearchRejected, task_query_from
 from stamen.web.args import Args
 from stamen.web.control import (
     ADMIN,
@@ -54,10 +54,10 @@ _FILTERS = (
     ("workername", "string", "exact worker hostname"),
     ("taskname", "string", "exact task name"),
     ("state", "string", "exact state"),
-    ("received_start", "string", "YYYY-MM-DD HH:MM, server local time"),
-    ("received_end", "string", "YYYY-MM-DD HH:MM, server local time"),
-    ("started_start", "string", "YYYY-MM-DD HH:MM, server local time"),
-    ("started_end", "string", "YYYY-MM-DD HH:MM, server local time"),
+    ("received_start", "string", DATE_HELP),
+    ("received_end", "string", DATE_HELP),
+    ("started_start", "string", DATE_HELP),
+    ("started_end", "string", DATE_HELP),
     ("dry_run", "boolean", "only count the matching tasks and show a sample"),
     (
         "limit",

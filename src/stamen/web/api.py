@@ -7,6 +7,7 @@ Flower's JSON shapes, with Flower's status codes and error texts.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -35,6 +36,9 @@ router = APIRouter(dependencies=[Depends(api_gate)], default_response_class=Flow
 
 API_SORT_KEYS = ("name", "received", "started", "state")
 _DATE_FORMAT = "%Y-%m-%d %H:%M"
+#: How the date filters are written (Flower's form, or Stamen's epoch seconds).
+DATE_HELP = "YYYY-MM-DD HH:MM in the server's local time, or seconds since the epoch"
+_EPOCH = re.compile(r"\d{1,11}(\.\d{1,6})?")
 
 
 def services(request: Request) -> Services:
@@ -48,9 +52,13 @@ def _filter(args: Args, name: str) -> str | None:
 
 
 def _local_time(value: str | None) -> float | None:
-    """Flower reads these dates in the server's local time zone; so do we."""
+    """Flower reads these dates in the server's local time zone; so do we. Stamen also takes
+    seconds since the epoch, which mean the same wherever the client is (the tasks page
+    sends those, having read the date in the zone it shows times in)."""
     if not value:
         return None
+    if _EPOCH.fullmatch(value):
+        return float(value)
     return time.mktime(time.strptime(value, _DATE_FORMAT))
 
 
@@ -152,10 +160,10 @@ async def list_workers(request: Request) -> Any:
         ("workername", "string", "exact worker hostname (case-insensitive)"),
         ("taskname", "string", "exact task name (case-insensitive)"),
         ("state", "string", "exact state (case-insensitive)"),
-        ("received_start", "string", "YYYY-MM-DD HH:MM, server local time, inclusive"),
-        ("received_end", "string", "YYYY-MM-DD HH:MM, server local time, inclusive"),
-        ("started_start", "string", "YYYY-MM-DD HH:MM, server local time, inclusive"),
-        ("started_end", "string", "YYYY-MM-DD HH:MM, server local time, inclusive"),
+        ("received_start", "string", DATE_HELP + ", inclusive"),
+        ("received_end", "string", DATE_HELP + ", inclusive"),
+        ("started_start", "string", DATE_HELP + ", inclusive"),
+        ("started_end", "string", DATE_HELP + ", inclusive"),
         ("search", "string", "query in Flower's search language"),
     ),
 )

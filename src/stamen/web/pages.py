@@ -285,10 +285,18 @@ def _worker_now(svc: Services, name: str) -> tuple[dict[str, Any], list[dict[str
 # -- tasks ------------------------------------------------------------------------------------
 
 
+def _zone_name(svc: Services) -> str:
+    """The IANA name of the zone the pages show times in (Celery's ``timezone``, UTC by
+    default as in Celery), for the browser's formatter."""
+    zone = app_zone(svc)
+    return str(getattr(zone, "key", None) or getattr(zone, "zone", None) or "UTC")
+
+
 def _time_kind(svc: Services) -> str:
+    """Flower's ``time[-Zone]``/``natural-time[-Zone]``: the live tables format times in the
+    zone the task and worker pages use, and read the date filters in it too."""
     kind = "natural-time" if svc.settings.natural_time else "time"
-    zone = svc.app.conf.timezone
-    return f"{kind}-{zone}" if zone else kind
+    return f"{kind}-{_zone_name(svc)}"
 
 
 @router.get("/tasks")
@@ -313,6 +321,7 @@ async def tasks_page(request: Request) -> Response:
         title="Tasks",
         columns=columns,
         time_kind=_time_kind(svc),
+        zone_name=_zone_name(svc),
         prefill=prefill,
         task_types=task_types,
         worker_names=workers,

@@ -151,7 +151,7 @@
   function timeFormatter(kind) {
     // kind: "time[-Zone]" or "natural-time[-Zone]" (Flower's page attribute).
     const natural = kind.startsWith("natural-time");
-    const zone = kind.replace(/^(natural-)?time-?/, "") || undefined;
+    const zone = zoneOf(kind);
     let fmt;
     try {
       fmt = new Intl.DateTimeFormat("sv-SE", { timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", fractionalSecondDigits: 3, hour12: false });
@@ -173,6 +173,32 @@
     };
   }
 
+  function zoneOf(kind) {
+    // The zone part of a "time[-Zone]" / "natural-time[-Zone]" attribute (none: the browser's).
+    return kind.replace(/^(natural-)?time-?/, "") || undefined;
+  }
+
+  function zonedEpoch(value, zone) {
+    // Seconds since the epoch of a "YYYY-MM-DDTHH:MM" wall-clock time in `zone`: read it as
+    // UTC, then take off the zone's offset at that moment (twice, for a DST change between).
+    const m = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})/.exec(value || "");
+    if (!m) return null;
+    const wall = Date.UTC(+m[1], +m[2] - 1, +m[3], +m[4], +m[5]);
+    let parts;
+    try {
+      parts = new Intl.DateTimeFormat("en-US", { timeZone: zone, hourCycle: "h23", year: "numeric", month: "numeric", day: "numeric", hour: "numeric", minute: "numeric", second: "numeric" });
+    } catch (e) {
+      parts = new Intl.DateTimeFormat("en-US", { hourCycle: "h23", year: "numeric", month: "numeric", day: "numeric", hour: "numeric", minute: "numeric", second: "numeric" });
+    }
+    const offset = (ms) => {
+      const p = Object.fromEntries(parts.formatToParts(new Date(ms)).map((x) => [x.type, x.value]));
+      return Date.UTC(+p.year, +p.month - 1, +p.day, +p.hour, +p.minute, +p.second) - ms;
+    };
+    let ms = wall - offset(wall);
+    ms = wall - offset(ms);
+    return ms / 1000;
+  }
+
   function duration(seconds) {
     if (seconds === null || seconds === undefined) return "";
     const v = Number(seconds);
@@ -189,5 +215,5 @@
   }
 
   document.addEventListener("DOMContentLoaded", initTabs);
-  window.Stamen = { url, base, toast, send, sendRaw: (m, p, f) => send(m, p, f, true), on, el, timeFormatter, duration, stateBadge, canAct: () => document.body.dataset.canAct === "true" };
+  window.Stamen = { url, base, toast, send, sendRaw: (m, p, f) => send(m, p, f, true), on, el, timeFormatter, zoneOf, zonedEpoch, duration, stateBadge, canAct: () => document.body.dataset.canAct === "true" };
 })();

@@ -34,9 +34,12 @@
 
   function isLiveTop() { return view.start === 0 && view.dir === "desc" && ["received", "started", ""].includes(view.sort); }
 
+  const zone = S.zoneOf(table.dataset.time || "time");
   function localDate(input) {
-    // datetime-local gives "YYYY-MM-DDTHH:MM"; the server reads "YYYY-MM-DD HH:MM".
-    return input.value ? input.value.replace("T", " ").slice(0, 16) : "";
+    // The date is typed in the zone the table shows times in; the server gets epoch seconds,
+    // which mean the same whatever zone the browser or the server is in.
+    const epoch = S.zonedEpoch(input.value, zone);
+    return epoch === null ? "" : String(epoch);
   }
 
   function params() {
@@ -121,7 +124,7 @@
     body.replaceChildren(...rows);
     const last = Math.min(view.start + view.length, filtered);
     pageInfo.textContent = filtered ? `${view.start + 1}–${last} of ${filtered.toLocaleString()}` : "0 of 0";
-    summary.textContent = filtered === total ? `${total.toLocaleString()} tasks` : `${filtered.toLocaleString()} of ${total.toLocaleString()} tasks match`;
+    summary.textContent = filtered === total ? `${total.toLocaleString()} task${total === 1 ? "" : "s"}` : `${filtered.toLocaleString()} of ${total.toLocaleString()} tasks match`;
     document.getElementById("page-prev").disabled = view.start === 0;
     document.getElementById("page-next").disabled = last >= filtered;
     newNote.hidden = true; pending = 0;
