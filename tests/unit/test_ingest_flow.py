@@ -270,6 +270,43 @@ def test_a_failed_commit_keeps_its_events_and_the_retry_stores_them_once(
         writer.close()
 
 
+class FailingReadWriter(StoreWriter):
+    """A StoreWriter whose reads of stored tasks fail once (a statement timeout, a lock, a
+    dropped connection), as merging a task that fell out of the cache does."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, max_tasks=100_000)
+        self.failures = 0
+
+    def load_tasks(self, uuids: Any) -> dict[str, dict[str, Any]]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("canceling statement due to statement timeout")
+        return super().load_tasks(uuids)
+
+
+def test_a_failed_read_while_merging_keeps_the_events(tmp_path: Path) -> None:
+    writer = FailingReadWriter(tmp_path / "history.sqlite3")
+    try:
+        ingester = Ingester(writer)
+        first = lifecycle("known", name="tasks.first")
+        ingester.add(first[0])
+        ingester.flush()
+        ingester.cache.clear()  # the task fell out of the cache: merging must read it
+        writer.failures = 1
+        for event in [*first[1:], *lifecycle("new", name="tasks.second")]:
+            ingester.add(event)
+        with pytest.raises(OSError):
+            ingester.flush()
+        assert len(ingester.pending) == 5  # nothing lost, still in arrival order
+        assert ingester.flush() == 5
+        states = dict(writer.conn.execute("SELECT uuid, state FROM tasks").fetchall())
+        assert states == {"known": "SUCCESS", "new": "SUCCESS"}
+        assert writer.load_task_types() == {"tasks.first", "tasks.second"}
+    finally:
+        writer.close()
+
+
 def test_the_flush_thread_retries_a_failed_commit_after_the_interval(tmp_path: Path) -> None:
     writer = FailingOnceWriter(tmp_path / "history.sqlite3")
     errors: list[str] = []

@@ -139,11 +139,14 @@ class Ingester:
             if not events:
                 return 0
             states_before = set(self.custom_states)
-            batch = self._merge(events)
+            types_before = set(self.task_types)
             try:
+                # Merging reads tasks that fell out of the cache: a failed read, like a
+                # failed commit, must not lose the events taken off the queue.
+                batch = self._merge(events)
                 trimmed = self.writer.write(batch)
             except BaseException:
-                self._undo(events, batch, states_before)
+                self._undo(events, states_before, types_before)
                 raise
             self._remember(batch.tasks, trimmed.uuids)
             self.events_ingested += len(events)
@@ -156,18 +159,22 @@ class Ingester:
                     log.exception("Ingest observer %r failed", observer)
             return len(events)
 
-    def _undo(self, events: list[Mapping[str, Any]], batch: Batch, states_before: set[str]) -> None:
-        """Forget what merging a batch that failed to commit changed, and put its events
-        back first in line, so the next flush stores them as if this one never ran.
+    def _undo(
+        self, events: list[Mapping[str, Any]], states_before: set[str], types_before: set[str]
+    ) -> None:
+        """Forget what merging a batch that failed (to read or to commit) changed, and put
+        its events back first in line, so the next flush stores them as if this one never
+        ran.
 
-        The merge changed cached task records in place, so those are dropped (the next
-        merge reads them back from the store as committed); names it saw first are
-        forgotten so the retry writes them. While the store stays down, pending events
-        grow to ``max_pending`` and then wait in the broker.
+        The merge changed cached task records in place, possibly only some of them before
+        it failed, so every task the events name is dropped from the cache (the next merge
+        reads them back from the store as committed); names it saw first are forgotten so
+        the retry writes them. While the store stays down, pending events grow to
+        ``max_pending`` and then wait in the broker.
         """
-        for uuid in batch.tasks:
-            self.cache.pop(uuid, None)
-        self.task_types -= batch.task_types
+        for event in events:
+            self.cache.pop(event.get("uuid"), None)  # type: ignore[arg-type]
+        self.task_types = types_before
         self.custom_states = states_before
         self.pending.extendleft(reversed(events))
 
