@@ -157,6 +157,11 @@ def test_one_writer_at_a_time_holds_a_files_ingest_lock(db: Path) -> None:
         for e in lifecycle("t1"):
             ingester.add(e)
         ingester.flush()
+        linked = db.with_name("linked.sqlite3")
+        linked.symlink_to(db)
+        through_link = StoreWriter(linked, max_tasks=10)
+        assert not through_link.try_lead()  # the same file, whatever its name
+        through_link.close()
         first.close()  # the process that held it ended
         assert second.try_lead()
         # The new holder resumes where the history stands, not where it stood at opening.

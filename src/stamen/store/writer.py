@@ -144,7 +144,10 @@ class StoreWriter:
 
     @property
     def lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + "-ingest.lock")
+        """Beside the file itself: a second instance reaching it through a symlink (or
+        another relative path) must race for the same lock."""
+        real = self.path.resolve()
+        return real.with_name(real.name + "-ingest.lock")
 
     def try_lead(self) -> bool:
         """Take the history's ingest lock (an exclusive ``flock`` on ``<db>-ingest.lock``)
