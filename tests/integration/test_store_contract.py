@@ -742,12 +742,13 @@ def test_a_newer_or_foreign_database_is_refused(pg_url: str) -> None:
     from stamen.store.postgres import PostgresWriter, connect
     from stamen.store.sqlite import StoreError
 
-    with connect(pg_url) as conn:
-        conn.execute("CREATE TABLE tasks (x int)")
-    with pytest.raises(StoreError, match="not Stamen's"):
-        PostgresWriter(pg_url, max_tasks=10)
-    with connect(pg_url) as conn:
-        conn.execute("DROP TABLE tasks")
+    for table in ("tasks", "workers", "audit_log"):  # the history's or the action store's
+        with connect(pg_url) as conn:
+            conn.execute(f"CREATE TABLE {table} (x int)")
+        with pytest.raises(StoreError, match=f"not Stamen's \\({table}\\)"):
+            PostgresWriter(pg_url, max_tasks=10)
+        with connect(pg_url) as conn:
+            conn.execute(f"DROP TABLE {table}")
     PostgresWriter(pg_url, max_tasks=10).close()
     with connect(pg_url) as conn:
         conn.execute("INSERT INTO stamen_schema_version VALUES (999, 0)")

@@ -29,6 +29,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("stamen: error:")]
     assert len(lines) == 1, err
+    assert not [line for line in err.splitlines() if line[:1].isspace()], err  # no hint lines
     return lines[0]
 
 

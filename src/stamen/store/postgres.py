@@ -101,6 +101,11 @@ def _named(url: str) -> dict[str, str]:
     return {} if given.get("application_name") else {"application_name": "stamen"}
 
 
+def one_line(exc: BaseException) -> str:
+    """libpq's message on one line (it puts its hint on a second, tab-indented one)."""
+    return " ".join(str(exc).split())
+
+
 def connect(url: str, *, readonly: bool = False, writer: bool = False) -> psycopg.Connection[Any]:
     """An autocommit connection (transactions are explicit, reads see the latest commit).
 
@@ -118,7 +123,7 @@ def connect(url: str, *, readonly: bool = False, writer: bool = False) -> psycop
     try:
         conn = psycopg.connect(url, autocommit=True, **_named(url), **extra)
     except psycopg.Error as exc:
-        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise StoreError(f"cannot connect to PostgreSQL: {one_line(exc)}") from exc
     if readonly:
         conn.execute("SET default_transaction_read_only = on")
     if writer:
@@ -302,6 +307,15 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0] or 0) if row else 0
 
 
+#: Every table Stamen makes in its schema (the history's, and the action store's in
+#: ``stamen.audit_pg``): in a schema without Stamen's version table, any of them is someone
+#: else's, and creating the others beside it would end in errors later.
+STAMEN_TABLES = (
+    "tasks", "workers", "worker_counters", "task_types", "meta", "task_rollups",
+    "failure_rollups", "backfilled", "audit_log", "task_retries", "paused_queues",
+)  # fmt: skip
+
+
 def migrate(conn: psycopg.Connection[Any]) -> int:
     """Create or upgrade the schema in the current schema (``search_path``); returns the
     version. Refuses a database newer than this Stamen, or one holding foreign tables."""
@@ -323,8 +337,21 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
                 f"understands ({SCHEMA_VERSION}); upgrade Stamen"
             )
         if version == 0:
-            if conn.execute("SELECT to_regclass('tasks')").fetchone()[0] is not None:  # type: ignore[index]
-                raise StoreError("the database schema holds a tasks table that is not Stamen's")
+            foreign = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT c.relname FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = current_schema() AND c.relname = ANY(%s)"
+                    " ORDER BY c.relname",
+                    (list(STAMEN_TABLES),),
+                )
+            ]
+            if foreign:
+                raise StoreError(
+                    "the database schema holds tables that are not Stamen's "
+                    f"({', '.join(foreign)}): give Stamen a schema of its own"
+                )
             conn.execute(
                 "CREATE TABLE stamen_schema_version ("
                 " version integer PRIMARY KEY, applied_at double precision NOT NULL)"
@@ -722,7 +749,7 @@ def _borrows(method: _Method) -> _Method:
             with self.connection():
                 return method(self, *args, **kwargs)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+            raise StoreError(f"PostgreSQL unavailable: {one_line(exc)}") from exc
 
     return borrowing  # type: ignore[return-value]
 
@@ -757,7 +784,7 @@ class PostgresReader:
             self._pool.open(wait=True, timeout=POOL_TIMEOUT)
         except psycopg.Error as exc:
             self._pool.close()
-            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+            raise StoreError(f"cannot connect to PostgreSQL: {one_line(exc)}") from exc
 
     def close(self) -> None:
         """Close the pool's connections."""
