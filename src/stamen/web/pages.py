@@ -606,6 +606,9 @@ def install(app: Any) -> None:
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_exception_handler(PageError, page_error_handler)
+    # Registered for StoreError itself too: a handler of Exception answers from Starlette's
+    # outermost middleware, which then re-raises, so the server logs a traceback as well.
+    app.add_exception_handler(StoreError, server_error)
     app.add_exception_handler(Exception, server_error)
     app.state.render_page_error = error_page
     app.state.render_logout = logout_page
