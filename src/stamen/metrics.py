@@ -711,8 +711,29 @@ class Metrics:
             log.debug("Purged metrics for %d offline workers", purged)
         return purged
 
+    def sync_worker_online(self) -> None:
+        """Bring ``flower_worker_online`` in line with the shared history.
+
+        The gauge follows the events this instance ingested, so with several instances a
+        standby never set it and a new leader kept what it last saw. The store knows what
+        every instance heard: a worker alive there is 1, one whose heartbeats an offline
+        event cleared is 0. A worker whose heartbeats merely ran out (killed silently) is
+        left as the events set it, as Flower leaves it, and one heard of only through task
+        events (no ``sw_ident``, which worker events carry) gets no series, as in Flower.
+        """
+        now = self.clock()
+        gauge = self.flower.worker_online
+        for name, worker in self.services.reader.workers().items():
+            if not worker.get("sw_ident"):
+                continue
+            if worker_alive(worker, now):
+                gauge.labels(name).set(1)
+            elif not worker.get("heartbeats"):
+                gauge.labels(name).set(0)
+
     def render(self) -> bytes:
         """The exposition text; blocking (it queries the store), so call it in a thread."""
+        self.sync_worker_online()
         self.purge_offline_workers()
         return generate_latest(self.registry)
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from stamen.events.ingest import Ingester
+from stamen.store.writer import StoreWriter
 from tests.factories import (
     event,
     lifecycle,
@@ -353,3 +356,26 @@ def test_state_counts_refresh_in_the_background(harness: AppHarness) -> None:
     while value(scrape(harness), "flower_tasks", state="SUCCESS") != 2:
         assert time.monotonic() < deadline, "state counts never refreshed"
         time.sleep(0.05)
+
+
+def test_worker_online_follows_what_another_instance_stored(harness: AppHarness) -> None:
+    """A standby, or a new leader, never ingested the worker's events: the gauge follows
+    the shared history instead of staying absent or stale."""
+    other = StoreWriter(harness.services.db_path, max_tasks=100)
+    ingester = Ingester(other)
+    now = time.time()
+
+    def store(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            ingester.add(e)
+        ingester.flush()
+
+    try:
+        store([worker_online("w9@host", now), worker_heartbeat("w9@host", now)])
+        assert value(scrape(harness), "flower_worker_online", worker="w9@host") == 1
+        store([worker_offline("w9@host", now + 1)])
+        assert value(scrape(harness), "flower_worker_online", worker="w9@host") == 0
+        store(lifecycle("only-tasks", worker="w8@host", ts=now))  # no worker events: as Flower
+        assert value(scrape(harness), "flower_worker_online", worker="w8@host") is None
+    finally:
+        other.close()
