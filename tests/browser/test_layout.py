@@ -55,6 +55,14 @@ def test_pages_fit_a_phone_in_light_and_dark(
                     page.page.evaluate("getComputedStyle(document.body).backgroundColor")
                 )
                 page.shot(f"phone-{scheme}-{name}")
+                if name == "tasks":  # the column chooser opens within the screen too
+                    page.page.click("#columns-menu summary")
+                    page.page.wait_for_selector("#columns-list", state="visible")
+                    box = page.page.locator("#columns-menu .menu-panel").bounding_box()
+                    assert box is not None and box["x"] >= 0, box
+                    assert box["x"] + box["width"] <= PHONE["width"], box
+                    assert page.page.evaluate(OVERFLOW) <= 0, page.page.evaluate(WIDE)
+                    page.shot(f"phone-{scheme}-tasks-columns")
             assert page.errors == [], (scheme, page.errors)
         finally:
             context.close()

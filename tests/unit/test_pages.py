@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from stamen.web import live, stats
+from stamen.web import live, present, stats
 from tests.factories import lifecycle, task_sent, worker_heartbeat, worker_offline, worker_online
 from tests.unit.conftest import AppHarness, make_harness
 
@@ -140,8 +141,16 @@ def test_format_task_applies_and_fails_open(tmp_path: Path) -> None:
 def test_tasks_page_columns_and_prefill(tmp_path: Path) -> None:
     for h in make_harness(tmp_path, tasks_columns=["state", "name", "uuid"], natural_time=True):
         page = h.client.get("/tasks?state=FAILURE&worker=w1").text
-        assert page.index('data-column="state"') < page.index('data-column="name"')
-        assert 'data-column="runtime"' not in page
+        head = page.split('<table class="data" id="tasks-table"', 1)[1].split("</thead>")[0]
+        assert head.index('data-column="state"') < head.index('data-column="name"')
+        assert 'data-column="runtime"' not in head
+        assert 'data-default-columns="state,name,uuid"' in head
+        # The column chooser offers every column: the default ones first (ticked), in order.
+        menu = page.split('<ul id="columns-list"', 1)[1].split("</ul>")[0]
+        offered = re.findall(r'<li data-column="([a-z_]+)"', menu)
+        assert offered[:3] == ["state", "name", "uuid"]
+        assert sorted(offered) == sorted(present.TASK_COLUMN_LABELS)
+        assert re.findall(r'value="([a-z_]+)" checked', menu) == ["state", "name", "uuid"]
         assert 'value="state:FAILURE worker:w1"' in page
         assert 'data-time="natural-time' in page
 
@@ -333,3 +342,68 @@ def test_worker_page_shows_live_counters_running_tasks_and_offline(harness: AppH
     html = harness.client.get("/worker/w1@host").text
     assert 'id="worker-status">Offline<' in html
     assert 'id="worker-offline" role="status">' in html
+
+
+def _pager_links(html: str) -> dict[str, str]:
+    """The audit pager's links by label, unescaped."""
+    import html as html_lib
+
+    pager = html.split('<div class="pager">', 1)[1].split("</div>", 1)[0]
+    return {
+        label: html_lib.unescape(href)
+        for href, label in re.findall(r'<a class="button" href="([^"]*)">(\w+)</a>', pager)
+    }
+
+
+def test_audit_paging_keeps_the_filters(harness: AppHarness) -> None:
+    from urllib.parse import parse_qs
+
+    actions = harness.services.actions
+    for n in range(230):
+        who = "ann" if n % 2 else "bob & co"
+        actions.record(user=who, action="task.revoke", target=f"t{n}", params={}, status=200)
+    actions.record(user="ann", action="worker.shutdown", target="w", params={}, status=200)
+    page = harness.client.get("/audit", params={"user": "bob & co", "action": "task.revoke"})
+    assert page.status_code == 200
+    links = _pager_links(page.text)
+    assert set(links) == {"Older"}  # 115 of bob's: one more page, and nothing newer
+    older = parse_qs(links["Older"].lstrip("?"))
+    assert older == {"user": ["bob & co"], "action": ["task.revoke"], "offset": ["100"]}
+    second = harness.client.get("/audit" + links["Older"])
+    assert second.status_code == 200
+    assert second.text.count("<code>task.revoke</code>") == 15
+    assert ">ann<" not in second.text
+    links = _pager_links(second.text)
+    assert set(links) == {"Newer"}
+    newer = parse_qs(links["Newer"].lstrip("?"))
+    assert newer == {"user": ["bob & co"], "action": ["task.revoke"], "offset": ["0"]}
+    # No filters: the links carry the offset alone.
+    assert _pager_links(harness.client.get("/audit?offset=100").text) == {
+        "Newer": "?offset=0",
+        "Older": "?offset=200",
+    }
+
+
+def test_log_out_shows_only_for_login_sessions(tmp_path: Path) -> None:
+    """A browser keeps sending Basic credentials (and a bearer token is the client's), so
+    only a login cookie can be logged out of; Flower shows the link for OAuth only."""
+    from stamen.web.auth import sign_value
+
+    for h in make_harness(tmp_path, basic_auth=["ann:pw1"], api_tokens=["ci:tok-123"]):
+        basic = h.client.get("/tasks", auth=("ann", "pw1")).text
+        assert '<span class="user" title="Signed in">ann</span>' in basic
+        assert "Log out" not in basic and 'href="/logout"' not in basic
+        token = h.client.get("/tasks", headers={"Authorization": "Bearer tok-123"})
+        assert token.status_code == 200 and "Log out" not in token.text
+    (tmp_path / "oauth").mkdir()
+    for h in make_harness(tmp_path / "oauth", auth=".*@corp.com"):
+        h.client.cookies.set(
+            "user", sign_value(h.services.settings.cookie_secret, "user", "me@corp.com")
+        )
+        session = h.client.get("/tasks")
+        assert session.status_code == 200
+        assert '<span class="user" title="Signed in">me@corp.com</span>' in session.text
+        assert '<a class="logout" href="/logout">Log out</a>' in session.text
+    (tmp_path / "open").mkdir()
+    for h in make_harness(tmp_path / "open"):
+        assert "Log out" not in h.client.get("/tasks").text

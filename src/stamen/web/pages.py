@@ -21,7 +21,7 @@ from datetime import timezone, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -66,6 +66,10 @@ class Viewer:
     can_act: bool
     can_admin: bool
     csrf: str
+    #: Whether "Log out" can end the session: only a login cookie (``--auth``) can be
+    #: dropped; a browser keeps sending Basic credentials, and a bearer token is not ours to
+    #: forget (Flower, too, shows the link for OAuth logins only).
+    can_logout: bool = False
 
 
 async def viewer(request: Request) -> Viewer:
@@ -83,6 +87,7 @@ async def viewer(request: Request) -> Viewer:
         can_act=acting and identity.can(roles.OPERATOR),
         can_admin=acting and identity.can(roles.ADMIN),
         csrf=gate.csrf_token(request),
+        can_logout=identity.method == "session",
     )
 
 
@@ -310,6 +315,12 @@ async def tasks_page(request: Request) -> Response:
         if (value := args.raw(key)) and value != "All"
     )
     columns = [(c, present.TASK_COLUMN_LABELS.get(c, c)) for c in svc.settings.tasks_columns]
+    # The column chooser offers every column Flower allows: the default ones first, in
+    # their order (``--tasks_columns``), then the rest.
+    shown = {c for c, _ in columns}
+    choices = columns + [
+        (c, label) for c, label in present.TASK_COLUMN_LABELS.items() if c not in shown
+    ]
     task_types, workers, states = await run_in_threadpool(
         lambda: (svc.reader.task_types(), sorted(svc.reader.workers()), svc.reader.states())
     )
@@ -320,6 +331,7 @@ async def tasks_page(request: Request) -> Response:
         who=who,
         title="Tasks",
         columns=columns,
+        column_choices=choices,
         time_kind=_time_kind(svc),
         zone_name=_zone_name(svc),
         prefill=prefill,
@@ -553,6 +565,12 @@ async def audit_page(request: Request) -> Response:
     entries = await run_in_threadpool(
         lambda: svc.actions.entries(limit=page_size + 1, offset=offset, **filters)
     )
+    # Paging keeps the rest of the query (the filters): only the offset changes.
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
+
+    def page_url(at: int) -> str:
+        return "?" + urlencode([*kept, ("offset", str(max(at, 0)))])
+
     return render(
         request,
         "audit.html",
@@ -562,7 +580,8 @@ async def audit_page(request: Request) -> Response:
         entries=entries[:page_size],
         more=len(entries) > page_size,
         offset=offset,
-        page_size=page_size,
+        newer_url=page_url(offset - page_size),
+        older_url=page_url(offset + page_size),
         filters=filters,
         zone=app_zone(svc),
         show_time=present.show_time,

@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   const S = window.Stamen;
-  const EVERY_MS = 5000, KEEP = 120;
+  const EVERY_MS = 5000, KEEP = 120, WINDOW_S = KEEP * EVERY_MS / 1000;  // 10 minutes
   const css = getComputedStyle(document.documentElement);
   const color = (name) => css.getPropertyValue(name).trim() || "#888";
   const PALETTE = ["--accent", "--bad", "--warn", "--run", "--ok", "--muted"];
@@ -24,6 +24,16 @@
     if (times.length > KEEP) { times.shift(); for (const values of counts.values()) values.shift(); }
   }
 
+  // The caption's 10 minutes: from the first point until there are 10 minutes of them, then
+  // the last 10. Read from the data: with a single point uPlot hands the range function
+  // that point and one 1000 days later.
+  function timeWindow(u, min, max) {
+    const xs = u.data[0] || [];
+    if (!xs.length) return [min, max];
+    const first = xs[0], last = xs[xs.length - 1];
+    return [Math.max(first, last - WINDOW_S), Math.max(last, first + WINDOW_S)];
+  }
+
   function draw() {
     // Looked up every time: an action re-renders the page content, chart box included.
     const box = document.getElementById("queue-chart");
@@ -39,10 +49,14 @@
       plot = new uPlot({
         width: Math.max(box.clientWidth, 280), height: 200, series: [{}, ...series],
         axes: [{ stroke, grid, ticks: grid }, { stroke, grid, ticks: grid, size: 50 }],
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, 1)] } },
+        scales: {
+          x: { time: true, range: timeWindow },
+          y: { range: (u, min, max) => [0, Math.max(max || 0, 1)] },
+        },
         legend: { live: true },
       }, data, box);
       plotNames = names.join("\n");
+      box.uplot = plot;  // for tests and the curious: the chart of this box
     }
     box.dataset.points = String(times.length);
   }

@@ -122,7 +122,10 @@
     const form = ev.target.closest("form[data-action-form]");
     if (!form) return;
     ev.preventDefault();
+    // Enter in a field submits the form even without a button: a viewer has none, and
+    // nothing may happen then.
     const submitter = ev.submitter || form.querySelector("button[type=submit]");
+    if (!submitter || submitter.disabled) return;
     const fields = Object.fromEntries(new FormData(form));
     const seconds = form.querySelector("[data-timeout]");
     if (seconds) {
