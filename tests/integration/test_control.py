@@ -221,7 +221,8 @@ def test_apply_waits_for_the_result(redis_cluster: Cluster) -> None:
 def test_async_apply_and_send_task_publish(redis_cluster: Cluster) -> None:
     c = redis_cluster
     sent = _post(c, "/api/task/async-apply/itest.add", json={"args": [1, 1], "countdown": "0"})
-    assert sent.json()["state"] == "PENDING"
+    # The state as the backend has it when the answer is made: a quick worker may be done.
+    assert sent.json()["state"] in {"PENDING", "STARTED", "SUCCESS"}
     c.wait_state(sent.json()["task-id"], "SUCCESS")
     by_name = _post(c, "/api/task/send-task/itest.echo", json={"args": ["abcd"]})
     assert set(by_name.json()) == {"task-id", "state"}

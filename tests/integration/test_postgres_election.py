@@ -114,6 +114,9 @@ def test_a_standby_process_takes_over_when_the_ingester_dies(
         killed = time.monotonic()
         wait_until(lambda: "now ingests" in second.log(), timeout=30, what="takeover")
         takeover = time.monotonic() - killed
+        # Leading is holding the lock; events flow once the broker subscription is up (a
+        # task sent before that could end before anyone listens, and nobody would know it).
+        wait_until(lambda: "receiving events" in second.log(), timeout=30, what="subscribed")
         after = redis_cluster.send("itest.add", 1, 1)
         wait_until(lambda: state_in(second, after) == "SUCCESS", timeout=60, what="new leader")
         assert takeover < 10, takeover
