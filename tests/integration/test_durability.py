@@ -181,6 +181,8 @@ def test_a_second_instance_on_one_file_stands_by_and_takes_over(
         assert first.proc is not None
         first.proc.kill()
         wait_until(lambda: "now ingests" in second.log(), what="the standby to take over")
+        # Events flow once its broker subscription is up: a task sent before could end unheard.
+        wait_until(lambda: "receiving events" in second.log(), what="the new ingester subscribed")
         after = redis_cluster.send("itest.add", 5, 5)
         wait_until(lambda: _all_succeeded(second, [after]), what="the new ingester to store")
     finally:
