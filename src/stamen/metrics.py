@@ -688,13 +688,13 @@ class Metrics:
             if self.exporter is not None:
                 self.exporter.observe(events, batch.tasks)
 
-    def purge_offline_workers(self) -> int:
-        """Flower's purge on scrape (spec 9.1); returns how many workers were purged."""
+    def purge_offline_workers(self, known: Mapping[str, Mapping[str, Any]]) -> int:
+        """Flower's purge on scrape (spec 9.1) against the stored workers ``known``; returns
+        how many workers were purged."""
         threshold = self.services.settings.purge_offline_workers
         if threshold is None:  # 0 is set: every offline worker goes at once
             return 0
         now = self.clock()
-        known = self.services.reader.workers()
         purged = 0
         for name in self.flower.label_workers():
             worker = known.get(name)
@@ -711,8 +711,9 @@ class Metrics:
             log.debug("Purged metrics for %d offline workers", purged)
         return purged
 
-    def sync_worker_online(self) -> None:
-        """Bring ``flower_worker_online`` in line with the shared history.
+    def sync_worker_online(self, known: Mapping[str, Mapping[str, Any]]) -> None:
+        """Bring ``flower_worker_online`` in line with the shared history (``known``, the
+        stored workers).
 
         The gauge follows the events this instance ingested, so with several instances a
         standby never set it and a new leader kept what it last saw. The store knows what
@@ -723,7 +724,7 @@ class Metrics:
         """
         now = self.clock()
         gauge = self.flower.worker_online
-        for name, worker in self.services.reader.workers().items():
+        for name, worker in known.items():
             if not worker.get("sw_ident"):
                 continue
             if worker_alive(worker, now):
@@ -733,8 +734,9 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text; blocking (it queries the store), so call it in a thread."""
-        self.sync_worker_online()
-        self.purge_offline_workers()
+        known = self.services.reader.workers()  # one read serves both
+        self.sync_worker_online(known)
+        self.purge_offline_workers(known)
         return generate_latest(self.registry)
 
     async def scrape(self) -> bytes:
