@@ -70,30 +70,36 @@ _FILTERS = (
 # --- retry ----------------------------------------------------------------------------------
 
 
-def _backend_call(svc: Services, task_id: str) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The call as the result backend kept it (``result_extended``), or None.
+StoredCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _backend_calls(svc: Services, task_ids: list[str]) -> dict[str, StoredCall]:
+    """The calls the result backend kept (``result_extended``) for ``task_ids``, in one
+    lookup (one round trip on Redis); blocking.
 
     Exact where the events' reprs may be cut short (or masked with ``argsrepr``), so a
-    retry prefers it. A backend that cannot answer leaves the events to decide.
+    retry prefers them. A backend that cannot answer leaves the events to decide.
     """
-    if backfill_unavailable(svc.app) is not None:
-        return None
+    if not task_ids or backfill_unavailable(svc.app) is not None:
+        return {}
     try:
-        meta = fetch_metas(svc.app.backend, [task_id]).get(task_id) or {}
+        metas = fetch_metas(svc.app.backend, task_ids)
     except Exception as exc:
-        log.warning("Result backend lookup for retrying %s failed: %r", task_id, exc)
-        return None
-    args, kwargs = meta.get("args"), meta.get("kwargs")
-    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict | None):
-        return None
-    return tuple(args), dict(kwargs or {})
+        log.warning("Result backend lookup for retrying %d task(s) failed: %r", len(task_ids), exc)
+        return {}
+    calls = {}
+    for task_id, meta in metas.items():
+        args, kwargs = meta.get("args"), meta.get("kwargs")
+        if isinstance(args, list | tuple) and isinstance(kwargs, dict | None):
+            calls[task_id] = (tuple(args), dict(kwargs or {}))
+    return calls
 
 
-def _resend(svc: Services, task: dict[str, Any]) -> str:
-    """Send a stored task again; blocking. Returns the new task id."""
+def _resend(svc: Services, task: dict[str, Any], stored: StoredCall | None) -> str:
+    """Send a stored task again (``stored``: its call from the result backend, if kept);
+    blocking. Returns the new task id."""
     limits = (svc.app.amqp.argsrepr_maxsize, svc.app.amqp.kwargsrepr_maxsize)
     try:
-        stored = _backend_call(svc, task["uuid"])
         name, args, kwargs, routing = rules.retry_call(task, stored, limits)
     except rules.InputError as exc:
         raise invalid(exc) from None
@@ -116,7 +122,8 @@ async def task_retry(request: Request, taskid: str) -> Any:
     task = await run_in_threadpool(svc.reader.get_task, taskid)
     if task is None:
         raise ApiError(404, f"Unknown task '{taskid}'")
-    new_id = await broker_call(svc, _resend, svc, task)
+    stored = await broker_call(svc, _backend_calls, svc, [taskid])
+    new_id = await broker_call(svc, _resend, svc, task, stored.get(taskid))
     return {"message": f"Retrying '{taskid}' as '{new_id}'", "task-id": new_id, "retry-of": taskid}
 
 
@@ -196,9 +203,11 @@ async def _bulk(request: Request, action: str) -> Any:
         return answer
     retried: dict[str, str] = {}
     failed: dict[str, str] = {}
+    stored = await broker_call(svc, _backend_calls, svc, [t["uuid"] for t in tasks])
     for task in tasks:
         try:
-            retried[task["uuid"]] = await broker_call(svc, _resend, svc, task)
+            call = stored.get(task["uuid"])
+            retried[task["uuid"]] = await broker_call(svc, _resend, svc, task, call)
         except ApiError as exc:
             if exc.status == 503:
                 raise
