@@ -1,4 +1,4 @@
-"""Where Stamen listens (``server.bind_sockets``/``bind_unix_socket``, made as Flower's
+"""Where Stamen listens (``listen.bind_sockets``/``bind_unix_socket``, made as Flower's
 Tornado makes them) and Flower's ``python -m flower -A proj flower`` command line form.
 
 The sockets are real but nothing is served: binding is all that is checked, plus the
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from stamen import cli, server
+from stamen import cli, listen
 from stamen.config import ConfigError, Settings
 from tests.net import can_bind_ipv6
 
@@ -35,7 +35,7 @@ def bound() -> Iterator[list[socket.socket]]:
 
 
 def _bind(bound: list[socket.socket], address: str, port: int = 0) -> list[socket.socket]:
-    sockets = server.bind_sockets(address, port)
+    sockets = listen.bind_sockets(address, port)
     bound.extend(sockets)
     return sockets
 
@@ -100,16 +100,16 @@ def test_loopback_only(bound: list[socket.socket]) -> None:
 def test_a_port_in_use(bound: list[socket.socket]) -> None:
     [holder] = _bind(bound, "127.0.0.1")
     port = holder.getsockname()[1]
-    with pytest.raises(server.ListenError) as caught:
-        server.bind_sockets("127.0.0.1", port)
+    with pytest.raises(listen.ListenError) as caught:
+        listen.bind_sockets("127.0.0.1", port)
     assert str(caught.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
-    with pytest.raises(server.ListenError, match=f"cannot listen on 0.0.0.0:{port}: Address"):
-        server.bind_sockets("", port)
+    with pytest.raises(listen.ListenError, match=f"cannot listen on 0.0.0.0:{port}: Address"):
+        listen.bind_sockets("", port)
 
 
 def test_an_address_that_does_not_resolve() -> None:
-    with pytest.raises(server.ListenError, match=r"cannot listen on no-such-host\.invalid:0: "):
-        server.bind_sockets("no-such-host.invalid", 0)
+    with pytest.raises(listen.ListenError, match=r"cannot listen on no-such-host\.invalid:0: "):
+        listen.bind_sockets("no-such-host.invalid", 0)
 
 
 # --- Unix socket -----------------------------------------------------------------------------
@@ -118,8 +118,8 @@ def test_an_address_that_does_not_resolve() -> None:
 def test_a_regular_file_is_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "x"
     path.write_text("keep me")
-    with pytest.raises(server.ListenError) as caught:
-        server.bind_unix_socket(str(path))
+    with pytest.raises(listen.ListenError) as caught:
+        listen.bind_unix_socket(str(path))
     assert str(caught.value) == (
         f"invalid value for --unix_socket: {path} exists and is not a socket"
     )
@@ -130,7 +130,7 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path, bound: list[socket.sock
     path = tmp_path / "stamen.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
         old.bind(str(path))
-    sock = server.bind_unix_socket(str(path))
+    sock = listen.bind_unix_socket(str(path))
     bound.append(sock)
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o777
@@ -141,7 +141,7 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path, bound: list[socket.sock
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's abstract sockets")
 def test_an_abstract_socket_name_has_no_file(bound: list[socket.socket]) -> None:
     name = f"\0stamen-test-{uuid.uuid4().hex}"
-    bound.append(server.bind_unix_socket(name))
+    bound.append(listen.bind_unix_socket(name))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(name)
 
