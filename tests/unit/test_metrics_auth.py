@@ -10,6 +10,7 @@ import logging
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ def test_stand_in_is_restored_when_the_file_fails(tmp_path: Path) -> None:
 # --- serving /metrics -----------------------------------------------------------------------
 
 
+@contextmanager
 def harness_from(tmp_path: Path, conf: str, **extra: Any) -> Iterator[AppHarness]:
     """An app with what ``conf`` (a flowerconfig.py text) configures."""
     s = load(tmp_path, conf)
@@ -184,12 +186,17 @@ def harness_from(tmp_path: Path, conf: str, **extra: Any) -> Iterator[AppHarness
         "unauthenticated_api": False,
         **extra,
     }
-    yield from make_harness(tmp_path, **overrides)
+    harnesses = make_harness(tmp_path, **overrides)
+    try:
+        yield next(harnesses)
+    finally:
+        harnesses.close()
 
 
 @pytest.fixture
 def app(tmp_path: Path, no_tornado: None, request: pytest.FixtureRequest) -> Iterator[AppHarness]:
-    yield from harness_from(tmp_path, request.param)
+    with harness_from(tmp_path, request.param) as h:
+        yield h
 
 
 @pytest.mark.parametrize(
@@ -256,41 +263,33 @@ def test_without_the_recipe_metrics_stay_open(app: AppHarness) -> None:
 
 
 def test_recipe_with_a_real_tornado_protects_metrics(tmp_path: Path, real_tornado: None) -> None:
-    gen = harness_from(tmp_path, RECIPE + "    basic_auth = ['u:p']\n")
-    h = next(gen)
-    try:
+    with harness_from(tmp_path, RECIPE + "    basic_auth = ['u:p']\n") as h:
         assert h.client.get("/metrics").status_code == 401
         assert h.client.get("/metrics", headers=basic("u", "p")).status_code == 200
-    finally:
-        gen.close()
 
 
 def test_recipe_without_any_auth_keeps_metrics_open_and_warns(
     tmp_path: Path, no_tornado: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="stamen.web.app"):
-        gen = harness_from(tmp_path, RECIPE)
-        h = next(gen)
-    try:
+    with (
+        caplog.at_level(logging.WARNING, logger="stamen.web.app"),
+        harness_from(tmp_path, RECIPE) as h,
+    ):
         assert h.client.get("/metrics").status_code == 200
-        warnings = [r.getMessage() for r in caplog.records if r.name == "stamen.web.app"]
-        assert warnings == [
-            f"{tmp_path / 'flowerconfig.py'} wraps Metrics.get in tornado.web.authenticated, "
-            "which has no effect without --basic_auth or --auth: /metrics stays open"
-        ]
-    finally:
-        gen.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "stamen.web.app"]
+    assert warnings == [
+        f"{tmp_path / 'flowerconfig.py'} wraps Metrics.get in tornado.web.authenticated, "
+        "which has no effect without --basic_auth or --auth: /metrics stays open"
+    ]
 
 
 def test_recipe_with_oauth_and_no_tokens_warns_about_scrapers(
     tmp_path: Path, no_tornado: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="stamen.web.app"):
-        gen = harness_from(tmp_path, RECIPE + "    auth = '.*@corp.com'\n")
-        h = next(gen)
-    try:
+    with (
+        caplog.at_level(logging.WARNING, logger="stamen.web.app"),
+        harness_from(tmp_path, RECIPE + "    auth = '.*@corp.com'\n") as h,
+    ):
         assert h.client.get("/metrics", follow_redirects=False).status_code == 401
-        warnings = [r.getMessage() for r in caplog.records if r.name == "stamen.web.app"]
-        assert len(warnings) == 1 and "--api_tokens" in warnings[0]
-    finally:
-        gen.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "stamen.web.app"]
+    assert len(warnings) == 1 and "--api_tokens" in warnings[0]
