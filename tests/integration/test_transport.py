@@ -260,3 +260,26 @@ def test_oidc_login_through_a_real_process_under_a_prefix(launch: Callable[..., 
             assert browser.get("/flower/logout").status_code == 200
             browser.cookies.clear()
             assert browser.get("/flower/workers").status_code == 302
+
+
+def test_flowerconfig_recipe_protects_metrics(
+    launch: Callable[..., Stamen], tmp_path: Path
+) -> None:
+    """Flower's documented flowerconfig.py recipe, unchanged, in a real process (no Tornado
+    installed): /metrics asks scrapers for credentials, /healthcheck stays open."""
+    conf = tmp_path / "flowerconfig.py"
+    conf.write_text(
+        "import tornado.web\n"
+        "from flower.views.monitor import Metrics\n"
+        "Metrics.get = tornado.web.authenticated(Metrics.get)\n"
+        "basic_auth = ['prom:s3cret']\n"
+    )
+    port = free_port()
+    stamen = launch(f"--port={port}", "--address=127.0.0.1", f"--conf={conf}")
+    base = f"http://127.0.0.1:{port}"
+    stamen.wait(lambda: httpx.get(f"{base}/healthcheck").status_code == 200)
+    refused = httpx.get(f"{base}/metrics")
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Basic")
+    scraped = httpx.get(f"{base}/metrics", auth=("prom", "s3cret"))
+    assert scraped.status_code == 200 and "flower_events_ingested_total" in scraped.text
